@@ -248,8 +248,18 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 class FrozenLMM:
     """A LLaVA(-NeXT) checkpoint in inference mode, with this project's multi-granularity scoring."""
 
-    def __init__(self, model, tokenizer, image_processor, *, ladder: Ladder | None = None, model_id: str = "unknown"):
-        self.model = model.eval().requires_grad_(False)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor,
+        *,
+        ladder: Ladder | None = None,
+        model_id: str = "unknown",
+        freeze: bool = True,
+    ):
+        # freeze=False lets the Stage-1 trainer use the same packing on a model it is training.
+        self.model = model.eval().requires_grad_(False) if freeze else model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = model.config
