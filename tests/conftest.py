@@ -1,0 +1,53 @@
+"""Shared fixtures: one tiny random LLaVA-NeXT checkpoint per test session, saved and reloaded offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Words the tests' conversations use, so they tokenise to real ids rather than <unk>.
+TINY_WORDS = ("red", "green", "blue", "circle", "colour", "checkered", "plain", "background")
+
+
+@pytest.fixture(scope="session")
+def tiny_words() -> tuple[str, ...]:
+    """Extra vocabulary of the tiny tokenizer: build other tiny models with ``build_tiny_model(tiny_words, ...)``."""
+    return TINY_WORDS
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """(model, tokenizer, image_processor) of ``build_tiny_model(TINY_WORDS)``: SigLIP, linear vision path, seed 0.
+
+    In memory, read-only: tests must not change its weights.
+    """
+    from model.tiny import build_tiny_model
+
+    return build_tiny_model(TINY_WORDS)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    return tiny_model[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
+    """``tiny_model`` saved as an HF-format folder (``save_tiny_checkpoint``)."""
+    from model.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llava-next", *tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_lmm(tiny_ckpt):
+    """``FrozenLMM`` loaded from ``tiny_ckpt`` (read-only: tests must not change its weights)."""
+    from model.lmm import FrozenLMM
+
+    return FrozenLMM.from_pretrained(tiny_ckpt)
