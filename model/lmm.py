@@ -458,7 +458,7 @@ class FrozenLMM:
         items: Sequence[tuple[Any, TokenizedConversation, Encoded | None]],
         *,
         levels: Sequence[int] | None = None,
-        max_batch_tokens: int = 8192,
+        max_batch_tokens: int = 2048,
         max_batch_size: int = 64,
         max_padding: float = 0.1,
     ) -> list[LevelScore]:
@@ -469,8 +469,12 @@ class FrozenLMM:
         Sequences are ordered by length and batched under ``max_batch_tokens`` (B x L, padding
         included) and ``max_padding`` (padded positions per real token): a padded position costs
         as much as a real one, and neighbours in length order (other levels, other images) can
-        differ by hundreds of tokens. A batch's visual tokens are packed when it runs, so memory
-        holds one batch's sequences, not every (item, level)'s.
+        differ by hundreds of tokens. A sequence longer than the budget runs alone. The default
+        (2,048) runs the finest levels one sequence at a time and batches the coarse ones; bigger
+        batches bought no speed on CPU (4,096 and 8,192 took 10-30% more CPU time in
+        bench/bench_score.py) while activation memory grows with the budget. A batch's visual
+        tokens are packed when it runs, so memory holds one batch's sequences, not every
+        (item, level)'s.
         """
         if max_padding < 0:
             raise ValueError(f"max_padding must be >= 0, got {max_padding}")

@@ -64,6 +64,9 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("source", pa.string()),
         pa.field("detail", pa.string()),  # the offending record / path, truncated
+        # short machine-readable reason (missing_file, corrupt_image, too_long, duplicate_id, ...):
+        # GROUP BY code in SQL; ``reason`` is the human sentence naming the input
+        pa.field("code", pa.string()),
     ]
 )
 

@@ -1,0 +1,207 @@
+"""Stage 2 of ``rglf score``: load every sample's image, check it, make it 8-bit RGB, cut its crops.
+
+Runs as stateless Ray tasks on CPUs (``load_images``), so GPU actors only receive ready crops.
+
+Input columns (from the read stage): ``sample_id, source, split, image, image_root, turns, levels``.
+Output columns: the input ones, plus
+
+    pixels        large_binary  float32, C order, shape ``pixels_shape`` = (n_crops, 3, S, S);
+                                null for text-only and rejected samples
+    pixels_shape  list<int32>
+    image_size    list<int32>   (height, width) of the original image (what anyres un-padding uses)
+    error_stage, error_code, error_reason, error_detail   string, null when the image is fine
+
+A bad image does not fail the task: its row carries the error and the scorer writes it to the
+errors table with its batch. Rejections (``code``: reason):
+
+    missing_file      no file at ``image_root / image``
+    empty_file        a 0-byte file
+    corrupt_image     not a decodable image (unknown format, bad header)
+    truncated_image   the file ends early / decoding failed part-way
+    extreme_aspect    longer side / shorter side > ``max_aspect`` (default 20)
+    too_small         a side shorter than ``min_side`` px (default 10)
+    unsupported_mode  a pixel mode with no faithful 8-bit RGB form (32-bit float "F")
+
+Valid modes and how they become 8-bit RGB (``to_rgb``):
+
+    RGB                      as is
+    1, L, P, CMYK, YCbCr ...  Pillow's own conversion
+    I;16, I;16L/B/N, I       16-bit range scaled: round(v * 255 / 65535), never clipped at 255
+                             ("I", 32-bit, is what some Pillow versions report for 16-bit files;
+                             values outside 0..65535 are clipped to it first)
+    LA, PA, RGBA, La, RGBa,  alpha composited over the processor's mean colour (``image_mean *
+    P with transparency      255``, the neutral colour LLaVA pads with: it normalises to zero)
+
+EXIF orientation is not applied (LLaVA trains on ``Image.open(...).convert("RGB")``).
+The crops come from the checkpoint's own image processor, the same one ``FrozenLMM.preprocess``
+uses (a test pins the equality).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
+
+OUTPUT_FIELDS = [
+    pa.field("pixels", pa.large_binary()),
+    pa.field("pixels_shape", pa.list_(pa.int32())),
+    pa.field("image_size", pa.list_(pa.int32())),
+    pa.field("error_stage", pa.string()),
+    pa.field("error_code", pa.string()),
+    pa.field("error_reason", pa.string()),
+    pa.field("error_detail", pa.string()),
+]
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be scored; ``code`` is the machine-readable reason."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (see the module docstring for the rules)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)  # (H, W): uint16 or int32
+        values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
+        grey = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode == "F":
+        raise ImageRejected("unsupported_mode", "32-bit float pixels (mode F) have no defined 8-bit range")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info) or (mode == "L" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageRejected("unsupported_mode", f"mode {mode} cannot be converted to RGB ({err})") from err
+
+
+def check_geometry(width: int, height: int, *, max_aspect: float, min_side: int) -> None:
+    """Reject images the processor would turn into degenerate crops."""
+    if min(width, height) < min_side:
+        raise ImageRejected(
+            "too_small", f"image is {width}x{height} px: a side is shorter than the minimum of {min_side} px"
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect:
+        raise ImageRejected(
+            "extreme_aspect",
+            f"image is {width}x{height} px: aspect ratio {aspect:.1f}:1 exceeds the limit of {max_aspect:g}:1",
+        )
+
+
+def load_rgb(path: Path, *, max_aspect: float = 20.0, min_side: int = 10, background=(128, 128, 128)) -> Image.Image:
+    """Open, check, decode and convert one image file; ``ImageRejected`` with a code when it is bad."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageRejected("missing_file", "file not found") from None
+    except OSError as err:
+        raise ImageRejected("missing_file", f"cannot stat the file ({err})") from err
+    if size == 0:
+        raise ImageRejected("empty_file", "file is empty (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            check_geometry(image.width, image.height, max_aspect=max_aspect, min_side=min_side)
+            image.load()
+            return to_rgb(image, background)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("corrupt_image", f"not a recognised image ({size} bytes; corrupt or not an image)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageRejected("too_large", str(err)) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        code = "truncated_image" if "truncated" in str(err) or isinstance(err, EOFError) else "corrupt_image"
+        raise ImageRejected(code, f"cannot decode the image ({err})") from err
+
+
+# --------------------------------------------------------------------------------------
+# The checkpoint's image processor (no weights are loaded)
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def image_processor(model: str):
+    """(processor, is_llava_next) of a local checkpoint: the classes ``FrozenLMM.from_pretrained`` picks.
+
+    Cached per worker process: a Ray worker reuses it across tasks.
+    """
+    from transformers import AutoConfig, CLIPImageProcessorPil, LlavaNextImageProcessorPil
+
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    is_next = config.model_type == "llava_next"
+    cls = LlavaNextImageProcessorPil if is_next else CLIPImageProcessorPil
+    return cls.from_pretrained(model, local_files_only=True), is_next
+
+
+def neutral_background(processor) -> tuple[int, int, int]:
+    """The processor's mean colour in 8 bits (LLaVA pads with it): the alpha background."""
+    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
+
+
+def preprocess(processor, is_next: bool, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (crops ``(n_crops, 3, S, S)`` float32, original (height, width)); = ``FrozenLMM.preprocess``."""
+    out = processor(image, return_tensors="pt")  # as FrozenLMM.preprocess does, so the values are identical
+    pixels = out["pixel_values"].numpy().astype(np.float32, copy=False)
+    if is_next:
+        size = tuple(int(v) for v in out["image_sizes"][0])
+        pixels = pixels[0]  # (n_crops, 3, S, S): one image, no batch padding of crops
+    else:
+        size = (image.height, image.width)
+    return np.ascontiguousarray(pixels), size  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# The Ray stage
+# --------------------------------------------------------------------------------------
+
+
+def image_path(image: str, image_root: str | None) -> Path:
+    path = Path(image)
+    return path if path.is_absolute() or not image_root else Path(image_root) / path
+
+
+def load_images(batch: pa.Table, *, model: str, max_aspect: float = 20.0, min_side: int = 10) -> pa.Table:
+    """Stage 2 (Ray task, ``batch_format="pyarrow"``): add crops or an error to every row."""
+    processor, is_next = image_processor(str(model))
+    background = neutral_background(processor)
+    columns: dict[str, list] = {f.name: [] for f in OUTPUT_FIELDS}
+    for image, root in zip(batch.column("image").to_pylist(), batch.column("image_root").to_pylist(), strict=True):
+        out = dict.fromkeys(columns)
+        if image is not None:
+            path = image_path(image, root)
+            try:
+                rgb = load_rgb(path, max_aspect=max_aspect, min_side=min_side, background=background)
+                pixels, size = preprocess(processor, is_next, rgb)
+                out.update(pixels=pixels.tobytes(), pixels_shape=list(pixels.shape), image_size=list(size))
+            except ImageRejected as err:
+                out.update(
+                    error_stage="load_image", error_code=err.code, error_reason=f"{image}: {err.reason}", error_detail=str(path)
+                )
+        for name, value in out.items():
+            columns[name].append(value)
+    for f in OUTPUT_FIELDS:
+        batch = batch.append_column(f, pa.array(columns[f.name], type=f.type))
+    return batch

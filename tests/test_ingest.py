@@ -1,0 +1,141 @@
+"""``rglf ingest`` (pipeline/ingest.py): LLaVA JSON/JSONL -> samples + errors tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from model.tables import ERRORS_SCHEMA, SAMPLES_SCHEMA
+from model.toy import ToyDatasetConfig, write_dataset
+from pipeline.ingest import IngestConfig, IngestError, run_ingest
+
+
+def read(folder: Path, pattern: str = "*.parquet") -> list[dict]:
+    files = sorted(folder.glob(pattern))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def conv(*texts: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_toy_dataset_round_trips_with_its_own_source_and_split(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, ToyDatasetConfig(n_samples=10, seed=3))
+    files = [data / f"{s}.json" for s in ("train", "val", "test")]
+    report = run_ingest(IngestConfig(inputs=files, image_root=data, out=tmp_path / "run"), log=lambda _: None)
+
+    rows = read(tmp_path / "run" / "samples")
+    records = [r for f in files for r in json.loads(f.read_text())]
+    assert report.samples == len(rows) == 10 and report.rejected == 0 and report.exit_code == 0
+    assert [r["sample_id"] for r in rows] == [r["id"] for r in records]  # stable ids, input order
+    assert [(r["source"], r["split"], r["image"]) for r in rows] == [
+        (r["source"], r["split"], r["image"]) for r in records
+    ]
+    assert all(r["image_root"] == str(data) and (data / r["image"]).is_file() for r in rows)
+    assert rows[0]["turns"] == [{"role": "human", "text": records[0]["conversations"][0]["value"]},
+                                {"role": "gpt", "text": records[0]["conversations"][1]["value"]}]
+    assert pq.read_schema(next((tmp_path / "run" / "samples").glob("*.parquet"))).equals(SAMPLES_SCHEMA)
+    assert not list((tmp_path / "run" / "errors").glob("*.parquet"))
+    assert json.loads((tmp_path / "run" / "ingest.json").read_text())["counts"]["samples"] == 10
+
+
+def test_invalid_records_become_error_rows_and_valid_ones_are_kept(tmp_path):
+    good = {"id": "a", "image": "x.png", "conversations": conv("<image>\nQ?", "A")}
+    records = [
+        good,
+        {"id": "multi", "image": "y.png", "conversations": conv("What is <image> this?", "a cat", "Colour?", "black")},
+        {"id": "text", "conversations": conv("Hello?", "hi")},  # text-only
+        {"id": 7, "conversations": conv("int id?", "yes")},  # integer ids are kept, as decimal strings
+        {"image": "z.png", "conversations": conv("<image>\nQ?", "A")},  # no id
+        {"id": "a", "image": "other.png", "conversations": conv("<image>\nQ2?", "B")},  # duplicate id
+        {"id": "empty", "image": "e.png", "conversations": conv("<image>\nQ?", "   ")},
+        '{"id": "broken", "conversations": [',  # not JSON
+        {"id": "noimg", "conversations": conv("<image>\nQ?", "A")},  # placeholder but no image
+        {"id": "open", "conversations": conv("Q?", "A", "and then?")},  # ends with a human turn
+        {"id": "twice", "image": "t.png", "conversations": conv("<image> <image> Q?", "A")},
+        ["not", "an", "object"],
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    report = run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=tmp_path / "run"), log=lambda _: None)
+
+    rows = {r["sample_id"]: r for r in read(tmp_path / "run" / "samples")}
+    assert set(rows) == {"a", "multi", "text", "7"}
+    assert rows["a"]["image"] == "x.png"  # the FIRST copy of a duplicate id is kept
+    assert rows["text"]["image"] is None and rows["text"]["image_root"] is None
+    assert len(rows["multi"]["turns"]) == 4 and rows["multi"]["turns"][0]["text"] == "What is <image> this?"
+    assert {r["source"] for r in rows.values()} == {"mixed"}  # the file stem by default
+
+    errors = read(tmp_path / "run" / "errors", "ingest-*.parquet")
+    by_code = {e["code"]: e for e in errors}
+    assert sorted(by_code) == sorted(
+        ["missing_id", "duplicate_id", "empty_answer", "invalid_json", "image_placeholder_without_image",
+         "bad_conversation", "several_placeholders", "not_an_object"]
+    )
+    assert len(errors) == report.rejected == 8 and report.exit_code == 3
+    assert all(e["stage"] == "ingest" and str(path) in e["reason"] for e in errors)  # names the input
+    assert by_code["missing_id"]["sample_id"] is None and "no 'id'" in by_code["missing_id"]["reason"]
+    assert by_code["duplicate_id"]["sample_id"] == "a" and f"{path}:1" in by_code["duplicate_id"]["reason"]
+    assert f"{path}:6" in by_code["duplicate_id"]["reason"]
+    assert "empty" in by_code["empty_answer"]["reason"]
+    assert pq.read_schema(next((tmp_path / "run" / "errors").glob("ingest-*.parquet"))).equals(ERRORS_SCHEMA)
+
+
+def test_source_and_split_defaults_and_several_inputs(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps([
+        {"id": "1", "conversations": conv("Q?", "A")},
+        {"id": "2", "conversations": conv("Q?", "A"), "source": "own", "split": "val"},
+    ]))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "3", "conversations": conv("Q?", "A")},
+                                          {"id": "1", "conversations": conv("Q?", "A")}])
+    cfg = IngestConfig(inputs=[a, b], image_root=tmp_path, out=tmp_path / "run", split="train", rows_per_part=2)
+    report = run_ingest(cfg, log=lambda _: None)
+    rows = read(tmp_path / "run" / "samples")
+    assert [(r["sample_id"], r["source"], r["split"]) for r in rows] == [
+        ("1", "a", "train"), ("2", "own", "val"), ("3", "b", "train")
+    ]
+    assert report.sample_parts == 2  # rows_per_part
+    assert report.rejected_by_code == {"duplicate_id": 1}  # duplicates are found across files
+
+    cfg = IngestConfig(inputs=[a], image_root=tmp_path, out=tmp_path / "run2", source="given")
+    run_ingest(cfg, log=lambda _: None)
+    assert [r["source"] for r in read(tmp_path / "run2" / "samples")] == ["given", "own"]
+
+
+def test_existing_samples_are_replaced_only_with_force(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": str(i), "conversations": conv("Q?", "A")} for i in range(5)])
+    out = tmp_path / "run"
+    run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=out, rows_per_part=2), log=lambda _: None)
+    assert len(list((out / "samples").glob("*.parquet"))) == 3
+    with pytest.raises(IngestError, match="--force"):
+        run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=out), log=lambda _: None)
+    write_jsonl(path, [{"id": "only", "conversations": conv("Q?", "A")}])
+    run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=out, force=True), log=lambda _: None)
+    assert [r["sample_id"] for r in read(out / "samples")] == ["only"]  # no stale parts left
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_cli_exit_status_says_whether_records_were_rejected(tmp_path):
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "conversations": conv("Q?", "A")}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv("Q?", "A")}])
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(ok), "--image-root", str(tmp_path), "--out", str(tmp_path / "r1")])
+    assert result.exit_code == 0, result.output
+    assert "1 samples" in result.output
+    result = runner.invoke(app, ["ingest", str(ok), str(bad), "--image-root", str(tmp_path), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 3, result.output
+    assert "missing_id: 1" in result.output
+    result = runner.invoke(app, ["ingest", str(tmp_path / "nope.json"), "--image-root", str(tmp_path), "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 2 and "does not exist" in result.output
