@@ -525,7 +525,9 @@ def demo_cmd(
             run=run, rank=rank, out=folder, epochs=epochs, batch_size=batch_size, lr=lr,
             image_only=text_off, merger_attends=merger_attends, progress=True,
         ))
-        stage("train", f"{name}: {m.get('steps', '?')} steps, val agreement {100 * m.get('val_agreement', float('nan')):.1f}% -> {folder}")
+        agreement = (m.get("final") or {}).get("val_agreement")
+        shown = f"{100 * agreement:.1f}%" if agreement is not None else "n/a"
+        stage("train", f"{name}: {m.get('steps', '?')} steps, val agreement {shown} -> {folder}")
     result = evaluate_router(EvalConfig(
         run=run, rank=rank, router=router_dir, image_only_router=image_only_dir if image_only else None, out=eval_dir,
     ))
