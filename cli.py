@@ -339,7 +339,7 @@ def train_cmd(
     image_only: Annotated[bool, typer.Option(help="Image-only ablation: no instruction tokens.")] = False,
     top_k: Annotated[int, typer.Option(help="Instruction tokens kept by the text filter (published: 32).")] = 32,
     merger_attends: Annotated[str, typer.Option(help="crops (the reference's computation) or tokens.")] = "crops",
-    voter_init: Annotated[str, typer.Option(help="mean (1/L, learns faster) or normal (the reference).")] = "mean",
+    voter_init: Annotated[str, typer.Option(help="balanced (image and instruction start with half the vote each), mean (1/L) or normal (the reference).")] = "balanced",
     dropout: Annotated[float, typer.Option(help="Merger dropout.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed (init, shuffling, dropout).")] = 0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: every epoch).")] = 0,
@@ -470,11 +470,11 @@ def demo_cmd(
     model: Annotated[Path, typer.Option(help="Stage-1 checkpoint (default: the committed embedded default).")] = DEFAULT_CHECKPOINT,
     n_samples: Annotated[int, typer.Option(help="Synthetic samples (70% train, 10% val, 20% test).")] = 1000,
     workers: Annotated[int, typer.Option(help="Scorer actors of the local Ray instance.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Router training batch.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Router training batch.")] = 16,
     lr: Annotated[float, typer.Option(help="Router AdamW learning rate.")] = 2e-3,
     merger_attends: Annotated[str, typer.Option(help="Router merger axis: crops (the reference) or tokens.")] = "crops",
-    image_only: Annotated[bool, typer.Option(help="Also train the image-only ablation router.")] = True,
+    image_only: Annotated[bool, typer.Option(help="Also train the image-only ablation router (~3 more minutes).")] = False,
 ) -> None:
     """Synthetic data -> ingest -> score (Ray) -> rank (SQL) -> train router -> eval -> report, with one final table."""
     import json

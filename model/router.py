@@ -69,7 +69,7 @@ from safetensors.torch import load_file, save_file
 from model.scaler import Ladder, LadderError
 
 MERGER_AXES = ("tokens", "crops")
-VOTER_INITS = ("normal", "mean")
+VOTER_INITS = ("normal", "mean", "balanced")
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router_config.json"
 AVG_LLAVA_KEY_PREFIX = "model.router."
@@ -101,7 +101,10 @@ class RouterConfig:
     'tokens': attention over each crop's token sequence (the paper's prose). See the module docstring."""
     voter_init: str = "normal"
     """'normal': voter ~ N(0, 1) as in the reference; 'mean': every position 1/L (an
-    unweighted mean of the token votes). LayerNorm(N) makes the output scale-free either way."""
+    unweighted mean of the token votes); 'balanced': the image and the instruction each start
+    with half of the vote (the image half split equally between the levels, each share spread
+    over that level's tokens; image-only: each level 1/N). LayerNorm(N) makes the output
+    scale-free either way. Only the initial values differ: the parameter is the same."""
 
     def __post_init__(self) -> None:
         if self.hidden_size <= 0:
@@ -154,6 +157,20 @@ class RouterConfig:
         return cls(**data)
 
 
+def balanced_voter(level_tokens: tuple[int, ...] | list[int], top_k: int) -> torch.Tensor:
+    """Voter values ``(L, 1)`` giving the image and the instruction half of the vote each.
+
+    Level ``i``'s ``level_tokens[i]`` positions share ``1 / (2N)`` (``1 / N`` without text,
+    ``top_k = 0``); the ``top_k`` text slots share ``1/2``. Sums to 1, like 'mean'.
+    """
+    n = len(level_tokens)
+    image_share = 0.5 if top_k else 1.0
+    parts = [torch.full((t,), image_share / (n * t)) for t in level_tokens]
+    if top_k:
+        parts.append(torch.full((top_k,), 0.5 / top_k))
+    return torch.cat(parts)[:, None]
+
+
 class GranularityRouter(nn.Module):
     """SPEC's router, batched. Module names match the published weights (see module docstring)."""
 
@@ -182,8 +199,11 @@ class GranularityRouter(nn.Module):
         nn.init.kaiming_normal_(self.router[2].weight)
         if self.config.voter_init == "normal":
             nn.init.normal_(self.voter)  # the reference's init
-        else:
+        elif self.config.voter_init == "mean":
             nn.init.constant_(self.voter, 1.0 / self.seq_len)
+        else:
+            with torch.no_grad():
+                self.voter.copy_(balanced_voter(self.ladder.tokens, self.config.top_k if self.config.use_text else 0))
 
     # -- step 1 ---------------------------------------------------------------------------
     def select_text(
