@@ -3,7 +3,8 @@
 ``open_catalog`` registers one view per table that exists:
 
 - from a scoring output folder (``--run OUT``): ``samples``, ``feedback``, ``errors``
-  (``OUT/<table>/`` part files, or ``OUT/<table>.parquet``);
+  (``OUT/<table>/`` part files, or ``OUT/<table>.parquet``); ``errors`` is always there, empty
+  when nothing was rejected;
 - from a rank folder (``--rank RANK``): ``rankings``, ``pairs``, ``preferences``,
   ``excluded``; and ``feedback`` from the folder ``rank_report.json`` names when ``--run`` is
   not given and that folder still exists.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from model.tables import ERRORS_SCHEMA
 from pipeline.rank import (
     REPORT_NAME,
     TABLES,
@@ -131,6 +133,10 @@ def open_catalog(
     for table, files in found.items():
         if files:
             register_parquet(con, table, files)
+    if run is not None and not found["errors"]:
+        # A run that rejected nothing writes no errors part: "no errors" is an empty table, not a
+        # missing one, so `select ... from errors` answers 0 rows instead of failing.
+        con.register("errors", ERRORS_SCHEMA.empty_table())
     return con, {table: len(files) for table, files in found.items() if files}
 
 

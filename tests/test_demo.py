@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from tests.readme_commands import readme_rglf_commands
 
 
 @pytest.mark.slow
@@ -47,3 +48,12 @@ def test_shrunken_demo_writes_every_table_and_plot(tmp_path, monkeypatch):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert ds.dataset(out / "run" / "feedback", format="parquet").count_rows() == 30 * 5
+
+    # README's SQL examples, as written, against this demo's folders
+    sql = [argv for argv in readme_rglf_commands() if argv[0] == "sql"]
+    assert len(sql) >= 3
+    for argv in sql:
+        argv = [a.replace("runs/demo", str(out)) for a in argv]
+        ran = CliRunner().invoke(app, argv)
+        assert ran.exit_code == 0, f"README `rglf {' '.join(argv)}` failed: {ran.output}"
+        assert ran.output.strip(), argv

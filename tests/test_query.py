@@ -144,6 +144,16 @@ def test_catalog_registers_only_existing_tables(folders: tuple[Path, Path]) -> N
     con.close()
 
 
+def test_a_run_without_rejections_has_an_empty_errors_table(tmp_path: Path) -> None:
+    run = write_feedback(tmp_path / "run", feedback_rows("a", {36: 0.1, 72: 0.5}))
+    result = sql("select stage, count(*) as n from errors group by stage", "--run", str(run), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert list(csv.DictReader(io.StringIO(result.stdout))) == []
+    con, _ = open_catalog(run=run)
+    assert [c[0] for c in con.sql("describe errors").fetchall()] == ERRORS_SCHEMA.names
+    con.close()
+
+
 def test_wide_tables_hide_middle_columns_on_a_narrow_terminal() -> None:
     assert _visible_columns([5, 5, 5], 80) == [0, 1, 2]
     assert _visible_columns([10] * 10, 60) == [0, 1, 9]  # outer columns first, alternating
