@@ -107,13 +107,13 @@ def test_balanced_voter_gives_image_and_instruction_half_the_vote_each():
     router = GranularityRouter(RouterConfig(hidden_size=D, voter_init="balanced"))
     v = router.voter[:, 0].detach().double()
     bounds = [0, 36, 108, 252, 540, 1116, 1148]  # the default ladder's positions, then the 32 text slots
-    shares = [float(v[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+    shares = [float(v[a:b].sum()) for a, b in zip(bounds, bounds[1:], strict=False)]
     assert shares == pytest.approx([0.1] * 5 + [0.5])
-    for a, b in zip(bounds, bounds[1:]):  # uniform inside each group
+    for a, b in zip(bounds, bounds[1:], strict=False):  # uniform inside each group
         assert torch.all(v[a:b] == v[a])
     image_only = GranularityRouter(RouterConfig(hidden_size=D, voter_init="balanced", use_text=False))
     w = image_only.voter[:, 0].detach().double()
-    assert [float(w[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:-1])] == pytest.approx([0.2] * 5)
+    assert [float(w[a:b].sum()) for a, b in zip(bounds[:-2], bounds[1:-1], strict=True)] == pytest.approx([0.2] * 5)
     with pytest.raises(ValueError, match="voter_init"):
         RouterConfig(hidden_size=D, voter_init="uniform")
 
