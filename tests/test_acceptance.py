@@ -32,8 +32,10 @@ def test_default_demo_router_meets_the_acceptance(tmp_path, monkeypatch):
     assert router["accuracy"] >= finest["accuracy"] - 0.01 - 1e-9, (router, finest)
 
     # The question decides the level on this task, so the image-only ablation cannot find the
-    # fine-detail questions: it loses accuracy exactly there.
+    # fine-detail questions: it answers them worse. (Its agreement on `medium` can still match
+    # the router's: it picks the compromise level, 144, for nearly every sample, and 144 is
+    # medium's best level.)
     by_source = report["by_source"]
     for family in ("fine", "medium"):
-        assert by_source[family]["image_only"]["agreement"] < by_source[family]["router"]["agreement"], family
-    assert by_source["fine"]["image_only"]["accuracy"] < by_source["fine"]["router"]["accuracy"]
+        assert by_source[family]["image_only"]["accuracy"] < by_source[family]["router"]["accuracy"], family
+    assert by_source["fine"]["image_only"]["agreement"] < by_source["fine"]["router"]["agreement"]
