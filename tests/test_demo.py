@@ -49,11 +49,13 @@ def test_shrunken_demo_writes_every_table_and_plot(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert ds.dataset(out / "run" / "feedback", format="parquet").count_rows() == 30 * 5
 
-    # README's SQL examples, as written, against this demo's folders
-    sql = [argv for argv in readme_rglf_commands() if argv[0] == "sql"]
-    assert len(sql) >= 3
-    for argv in sql:
+    # README's SQL and route examples, as written, against this demo's folders
+    examples = [argv for argv in readme_rglf_commands() if argv[0] in ("sql", "route")]
+    assert sum(argv[0] == "sql" for argv in examples) >= 3 and sum(argv[0] == "route" for argv in examples) >= 1
+    for argv in examples:
         argv = [a.replace("runs/demo", str(out)) for a in argv]
         ran = CliRunner().invoke(app, argv)
         assert ran.exit_code == 0, f"README `rglf {' '.join(argv)}` failed: {ran.output}"
         assert ran.output.strip(), argv
+        if argv[0] == "route":
+            assert "level:" in ran.output and "answer:" in ran.output, ran.output
