@@ -27,8 +27,8 @@ Outputs in ``out/`` (a router folder, loadable with ``model.router.load_router``
     router.safetensors, router_config.json   the final router (save_router)
     train_config.json                        the resolved TrainConfig
     metrics.json                             history (loss, lr, validation agreement), summary
-    checkpoints/step-XXXXXXXX/               router + optimiser/scheduler state, every
-    checkpoints/latest                       ``checkpoint_every`` steps; a rerun resumes here
+    checkpoints/step-00000264/               router + optimiser/scheduler state, every
+    checkpoints/latest                       ``checkpoint_every`` steps (step number, 8 digits); a rerun resumes here
 
 The output folder must be on a filesystem every worker sees (one machine: any folder).
 """

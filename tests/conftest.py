@@ -51,3 +51,14 @@ def tiny_lmm(tiny_ckpt):
     from model.lmm import FrozenLMM
 
     return FrozenLMM.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after (small router runs: deterministic, no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ from router.data import RouterDataError, collate, hash_split, load_router_data, 
 from router.fixtures import SYNTHETIC_KEYS, write_lmm_tables, write_synthetic_tables
 from router.train import CHECKPOINTS, METRICS, TRAIN_CONFIG, TrainConfig, lr_factor, train_router
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
