@@ -2,135 +2,381 @@
 
 Heavy imports (torch, ray, transformers, duckdb) live inside the commands so that
 ``rglf --help`` answers instantly.
+
+Conventions every command follows:
+
+- Flags: ``--run`` (scoring folder), ``--rank`` (ranking folder), ``--out`` (what the command
+  writes), ``--model``, ``--router``, ``--force``, ``--address``, ``--workers``, ``--ladder``,
+  ``--device auto|cpu|cuda``, ``--torch-threads``, ``--duckdb-threads``, ``--format`` +
+  ``--output``, ``--quiet`` / ``--verbose``.
+- Output: informational lines and the final summary on stdout, one progress display per stage
+  on stderr (a bar on a terminal, a line every few seconds otherwise); ``--quiet`` keeps only
+  the summary, ``--verbose`` lets Ray's and transformers' own logs through.
+- Expected failures are ONE line on stderr (``error: <input>: <reason>. <next step>``) and an
+  exit code from ``EXIT_CODES``; a traceback means a bug (``--verbose`` shows it for expected
+  failures too). An exception is "expected" when it carries an ``exit_code`` attribute (the
+  stages' own error classes do) or is one of ``_EXPECTED_BUILTINS``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click
+from typer.core import TyperGroup
+from typer.exceptions import Abort, Exit
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rglf.model.toy import DEFAULT_CHECKPOINT  # noqa: E402
+
+EXIT_CODES = {
+    0: "ok",
+    1: "a bug (the only case that prints a traceback)",
+    2: "bad usage or input, or refused (another model, ladder, template or config than the folder's)",
+    3: "finished, but some inputs were rejected (see errors/), or the input was empty",
+    4: "a required earlier stage's output is missing (e.g. train before rank)",
+    5: "impossible resources (CUDA requested but absent, more workers than the cluster can place)",
+    6: "the run folder is locked by another writer",
+    130: "interrupted (Ctrl-C): what was committed is kept; a rerun resumes",
+}
+# Built-in exceptions that mean bad input rather than a bug, with their exit code.
+_EXPECTED_BUILTINS: tuple[tuple[type[BaseException], int], ...] = (
+    (FileNotFoundError, 2),
+    (NotADirectoryError, 2),
+    (IsADirectoryError, 2),
+    (PermissionError, 2),
+)
+_state = {"verbose": False, "command": "rglf"}
+
+
+def _error_line(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def expected_exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected failure, None for a bug."""
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool) and not isinstance(err, Exit):
+        return code
+    for cls, code in _EXPECTED_BUILTINS:
+        if isinstance(err, cls):
+            return code
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return 2
+    return None
+
+
+class RglfGroup(TyperGroup):
+    """The top-level group: every expected failure becomes one line on stderr and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except Exit as e:
+            code = e.exit_code
+        except Abort:
+            _error_line("aborted")
+            code = 130
+        except NoArgsIsHelpError as e:  # `rglf` or `rglf toy` alone: the help
+            e.show()
+            code = 0
+        except ClickException as e:  # usage: unknown option, missing argument, bad value
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
+            _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
+            code = e.exit_code
+        except KeyboardInterrupt:
+            _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
+                        "command to resume.")
+            code = 130
+        except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
+            code = expected_exit_code(e)
+            if code is None:
+                raise
+            if _state["verbose"]:
+                traceback.print_exc()
+            _error_line(str(e) or type(e).__name__)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
 app = typer.Typer(
+    cls=RglfGroup,
     help="Offline RGLF: score answers at every visual granularity, rank them in SQL, train the router from tables.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"rglf {version('rglf')}")
+        except PackageNotFoundError:
+            typer.echo("rglf (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Offline RGLF: score answers at every visual granularity, rank them in SQL, train the router from tables."""
+
+
+# ---- output: quiet / verbose, progress ------------------------------------------------------
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary (no progress, no info lines).")]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show Ray's and transformers' own logs, and tracebacks of expected failures.")
+]
+
+
+class Output:
+    """One command's output: info lines, the final summary, and one progress display per stage."""
+
+    def __init__(self, command: str, quiet: bool = False, verbose: bool = False):
+        if quiet and verbose:
+            raise typer.BadParameter("--quiet and --verbose exclude each other")
+        self.quiet, self.verbose = quiet, verbose
+        _state.update(verbose=verbose, command=f"rglf {command}")
+        os.environ["RGLF_VERBOSE"] = "1" if verbose else "0"  # read by Ray workers started after this
+        if not verbose:
+            # Library chatter off before anything heavy is imported (inherited by Ray workers).
+            os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+            os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+            os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+            import warnings
+
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+
+    def log(self, message: str) -> None:
+        """An informational line (stdout; hidden by --quiet)."""
+        if not self.quiet:
+            typer.echo(message)
+
+    def summary(self, message: str) -> None:
+        """The final summary line (always shown)."""
+        typer.echo(message)
+
+    def progress(self, label: str, unit: str = "samples") -> StageProgress:
+        return StageProgress(label, unit, enabled=not self.quiet)
+
+
+class StageProgress:
+    """The one progress display of a stage, fed by a stage's ``progress(done, total, fields)`` callback.
+
+    On a terminal: a rich bar (done / total, rate, ETA, extra fields such as ``rejected``).
+    Otherwise (a log file, CI): one line every ``every`` seconds and a last one at the end.
+    Use as a context manager; pass the object itself as the stage's ``progress`` callback.
+    """
+
+    def __init__(self, label: str, unit: str = "samples", *, enabled: bool = True, every: float = 10.0,
+                 stream=None):
+        self.label, self.unit, self.enabled, self.every = label, unit, enabled, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = self._task = None
+        self._start = self._last_line = 0.0
+        self._state: tuple[int, int | None, dict[str, Any]] | None = None
+
+    def __enter__(self) -> StageProgress:
+        self._start = time.perf_counter()
+        if self.enabled and self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+                console=Console(file=self.stream), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=None, rate="", extra="")
+        return self
+
+    def __call__(self, done: int, total: int | None = None, fields: dict[str, Any] | None = None) -> None:
+        self._state = (done, total, dict(fields or {}))
+        if not self.enabled:
+            return
+        rate = self._rate(done)
+        extra = ", ".join(f"{k} {v}" for k, v in (fields or {}).items())
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total, rate=rate, extra=extra)
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self.every or (total is not None and done >= total):
+            self._last_line = now
+            self._line(done, total, rate, extra)
+
+    def _rate(self, done: int) -> str:
+        elapsed = time.perf_counter() - self._start
+        return f"{done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and done else ""
+
+    def _line(self, done: int, total: int | None, rate: str, extra: str) -> None:
+        of = f"/{total:,}" if total is not None else ""
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        eta = ""
+        elapsed = time.perf_counter() - self._start
+        if total and done and done < total:
+            eta = f", ETA {int((total - done) * elapsed / done)} s"
+        parts = [p for p in (rate, extra) if p]
+        print(f"{self.label}: {done:,}{of} {self.unit}{pct}" + (f", {', '.join(parts)}" if parts else "") + eta,
+              file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif self.enabled and self._state is not None and time.perf_counter() - self._last_line > 0 and exc[0] is None:
+            done, total, fields = self._state
+            if self._last_line == 0.0 or (total is None or done < total):
+                self._line(done, total, self._rate(done), ", ".join(f"{k} {v}" for k, v in fields.items()))
+
+
+ProgressCallback = Callable[[int, "int | None", "dict[str, Any] | None"], None]
+
+
 # ---- embedded default: the synthetic task and the tiny Stage-1 model -------------------
 
-toy_app = typer.Typer(help="The embedded default: synthetic multi-granularity VQA and its tiny Stage-1 LLaVA-NeXT.")
+toy_app = typer.Typer(
+    help="The embedded default: synthetic multi-granularity VQA and its tiny Stage-1 LLaVA-NeXT.", no_args_is_help=True
+)
 app.add_typer(toy_app, name="toy")
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "model" / "default" / "avg-toy-llava-next"
 
-
-@toy_app.command("data")
+@toy_app.command("data", epilog="Example: rglf toy data --out runs/toy --n-samples 2000")
 def toy_data(
     out: Annotated[Path, typer.Option(help="Folder for images/ and train/val/test.json (LLaVA format).")],
     n_samples: Annotated[int, typer.Option(help="Samples in all (one question each).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives byte-identical files.")] = 0,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Write the synthetic task as a real LLaVA-format dataset."""
-    from model.toy import ToyDatasetConfig, write_dataset
+    ui = Output("toy data", quiet, verbose)
+    from rglf.model.toy.task import ToyDatasetConfig, write_dataset
 
     summary = write_dataset(out, ToyDatasetConfig(n_samples=n_samples, seed=seed))
-    typer.echo(f"toy data: {summary['counts']} -> {out}")
+    ui.summary(f"toy data: {summary['counts']} -> {out}")
 
 
-@toy_app.command("train")
+@toy_app.command("train", epilog="Example: rglf toy train --out runs/my-toy-ckpt --steps 2400 --finest-steps 1200")
 def toy_train(
-    out: Annotated[Path, typer.Option(help="Checkpoint folder to write (HF format).")] = DEFAULT_CHECKPOINT,
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write (HF format). Required: the committed "
+                                           "embedded default is never overwritten by accident.")],
     steps: Annotated[int, typer.Option(help="Optimiser steps in all.")] = 2400,
     finest_steps: Annotated[int, typer.Option(help="Curriculum: steps at the finest level only first.")] = 1200,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    torch_threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation every N steps.")] = 200,
     max_minutes: Annotated[float | None, typer.Option(help="Stop (and save) after this many minutes.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Stage-1 multi-granularity training of the tiny embedded-default model (CPU)."""
-    from model.stage1 import Stage1Config, train_stage1
+    ui = Output("toy train", quiet, verbose)
+    from rglf.model.toy.stage1 import Stage1Config, train_stage1
 
     cfg = Stage1Config(
         out=out, steps=steps, finest_steps=finest_steps, batch_size=batch_size, lr=lr, seed=seed,
-        threads=threads, eval_every=eval_every, max_minutes=max_minutes,
+        threads=torch_threads, eval_every=eval_every, max_minutes=max_minutes,
     )
-    report = train_stage1(cfg, log=typer.echo)
-    typer.echo(f"stage1: {report['steps_done']} steps in {report['train_minutes']} min -> {out}")
+    report = train_stage1(cfg, log=ui.log)
+    ui.summary(f"stage1: {report['steps_done']} steps in {report['train_minutes']} min -> {out}")
 
 
-@toy_app.command("report")
+@toy_app.command("report", epilog="Example: rglf toy report --format json --output toy-report.json")
 def toy_report(
     model: Annotated[Path, typer.Option(help="Checkpoint folder.")] = DEFAULT_CHECKPOINT,
     per_family: Annotated[int, typer.Option(help="Held-out questions per family.")] = 200,
     seed: Annotated[int, typer.Option(help="Held-out seed stream.")] = 1,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the table as JSON here.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    output: Annotated[Path | None, typer.Option(help="Write the result here instead of standard output.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Held-out greedy accuracy and mean answer NLL per family per level of a checkpoint."""
     import json
 
-    from model.lmm import FrozenLMM
-    from model.stage1 import evaluate, format_table, heldout_items
+    ui = Output("toy report", quiet, verbose)
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    from rglf.model.lmm import FrozenLMM
+    from rglf.model.toy.stage1 import evaluate, format_table, heldout_items
 
     lmm = FrozenLMM.from_pretrained(model)
     table = evaluate(lmm, heldout_items(lmm, per_family, seed))
-    typer.echo(format_table(table))
-    if json_out is not None:
-        json_out.write_text(json.dumps(table, indent=2))
-        typer.echo(f"wrote {json_out}")
+    text = json.dumps(table, indent=2) if fmt == "json" else format_table(table)
+    if output is None:
+        ui.summary(text)
+    else:
+        output.write_text(text + "\n")
+        ui.summary(f"toy report: {per_family} questions per family -> {output}")
 
 
 # ---- the scoring job: ingest, score ------------------------------------------------------
 
 
-@app.command("ingest")
+@app.command("ingest", epilog="Example: rglf ingest data/llava_v1_5_mix665k.json --image-root data/images --run runs/r1")
 def ingest_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="LLaVA-format JSON (a list) or JSONL files: id, image, conversations.")],
     image_root: Annotated[Path, typer.Option(help="Folder the records' image paths are relative to.")],
-    out: Annotated[Path, typer.Option(help="Output folder (RUN_DIR of `rglf score`): samples/, errors/, ingest.json.")],
+    run: Annotated[Path, typer.Option(help="Run folder to create (then `rglf score --run`): samples/, errors/, ingest.json.")],
     source: Annotated[str | None, typer.Option(help="source of records without one (default: the file's stem).")] = None,
     split: Annotated[str | None, typer.Option(help="split of records without one (default: none).")] = None,
     rows_per_part: Annotated[int, typer.Option(help="Rows per samples Parquet part file.")] = 100_000,
-    force: Annotated[bool, typer.Option(help="Replace an existing OUT/samples.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing RUN/samples.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Validate LLaVA-format conversations into a samples table; invalid records go to errors/ (exit 3 if any)."""
-    from pipeline.ingest import IngestConfig, IngestError, run_ingest
+    ui = Output("ingest", quiet, verbose)
+    from rglf.pipeline.ingest import IngestConfig, run_ingest
 
     try:
         cfg = IngestConfig(
-            inputs=inputs, image_root=image_root, out=out, source=source, split=split,
+            inputs=inputs, image_root=image_root, out=run, source=source, split=split,
             rows_per_part=rows_per_part, force=force,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    try:
-        report = run_ingest(cfg, log=typer.echo)
-    except IngestError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    report = run_ingest(cfg, log=ui.summary)
     raise typer.Exit(report.exit_code)
 
 
-@app.command("score")
+@app.command("score", epilog="Example: rglf score --run runs/r1 --model /models/avg-llava-7b-hf --workers 2")
 def score_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Output folder holding samples/ (from `rglf ingest`); shared FS on a cluster.")],
+    run: Annotated[Path, typer.Option(help="Run folder holding samples/ (from `rglf ingest`); shared FS on a cluster.")],
     model: Annotated[Path, typer.Option(help="Local HF-format LLaVA(-NeXT) checkpoint folder (same path on every node).")],
     workers: Annotated[int, typer.Option(help="Scorer actors, one frozen model each.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per scorer actor (needed with --device cuda).")] = 0.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per scorer actor (default: 1 with --device cuda).")] = 0.0,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per scorer actor.")] = 1.0,
     worker_resource: Annotated[
         list[str] | None, typer.Option(help="Custom Ray resource per scorer actor, NAME=AMOUNT (repeatable).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per scorer call = per committed part file.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when --gpus-per-worker > 0), cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16.")] = "auto",
     ladder: Annotated[
         str | None, typer.Option(help="Levels, e.g. 36,72,144,288,576 or 24x18 (default: the paper's five).")
@@ -147,19 +393,21 @@ def score_cmd(
     num_cpus: Annotated[int | None, typer.Option(help="Local instance: CPUs for Ray (default: all).")] = None,
     object_store_mb: Annotated[int | None, typer.Option(help="Local instance: object store MiB.")] = None,
     ray_temp_dir: Annotated[Path | None, typer.Option(help="Local instance: Ray session folder (keep it short).")] = None,
-    force: Annotated[bool, typer.Option(help="Start fresh: move old outputs to RUN_DIR/.replaced-<time>/.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show Ray Data progress bars.")] = True,
+    force: Annotated[bool, typer.Option(help="Start fresh: move old outputs to RUN/.replaced-<time>/.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Score every sample's answer NLL at every level with the frozen LMM (Ray Data); resumable.
 
-    Writes RUN_DIR/feedback, router_inputs, errors/score-*, router_side and run.json; a rerun skips what is done.
+    Writes RUN/feedback, router_inputs, errors/score-*, router_side and run.json; a rerun skips what is done.
 
     Exit status: 0 all scored, 3 some inputs rejected, 2 refused (another model or ladder than run.json).
     """
-    from model.lmm import ModelLoadError
-    from model.scaler import LadderError
-    from pipeline.score import ScoreConfig, ScoreRefused, run_score
+    ui = Output("score", quiet, verbose)
+    from rglf.pipeline.score import ScoreConfig, run_score
 
+    if device == "auto":
+        device = "cuda" if gpus_per_worker > 0 else "cpu"
     try:
         resources = {}
         for item in worker_resource or []:
@@ -167,27 +415,25 @@ def score_cmd(
             if not sep or not name:
                 raise ValueError(f"--worker-resource takes NAME=AMOUNT, got {item!r}")
             resources[name] = float(amount)
+        if device == "cuda" and gpus_per_worker == 0:
+            gpus_per_worker = 1.0
         cfg = ScoreConfig(
-            run_dir=run_dir, model=model, workers=workers, gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker, worker_resources=resources, batch_size=batch_size, device=device, dtype=dtype, ladder=ladder,
-            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, encode_batch=encode_batch,
+            run_dir=run, model=model, workers=workers, gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker, worker_resources=resources, batch_size=batch_size, device=device, dtype=dtype,
+            ladder=ladder, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, encode_batch=encode_batch,
             max_aspect=max_aspect, min_side=min_side, image_cpus=image_cpus, address=address, num_cpus=num_cpus,
-            object_store_mb=object_store_mb, ray_temp_dir=ray_temp_dir, force=force, progress=progress,
+            object_store_mb=object_store_mb, ray_temp_dir=ray_temp_dir, force=force, progress=verbose,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    try:
-        report = run_score(cfg, log=typer.echo)
-    except (ScoreRefused, FileNotFoundError, LadderError, ModelLoadError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    report = run_score(cfg, log=ui.summary)
     raise typer.Exit(report.exit_code)
 
 
 # ---- checkpoints ------------------------------------------------------------------------
 
 
-@app.command("convert")
+@app.command("convert", epilog="Example: rglf convert /models/avg-llava-7b /models/avg-llava-7b-hf")
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Original LLaVA / AVG-LLaVA folder: config.json with mm_* keys + weights.")],
     dst: Annotated[Path, typer.Argument(help="HF-format folder to create (written to a temp folder, then renamed).")],
@@ -198,29 +444,28 @@ def convert_cmd(
     image_token_id: Annotated[
         int | None, typer.Option(help="Image placeholder id (default: the tokenizer's <image>, else vocab size).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Convert an original LLaVA / AVG-LLaVA checkpoint into the HF LLaVA-NeXT layout FrozenLMM loads."""
-    from model.convert import ConvertError, convert_checkpoint
+    ui = Output("convert", quiet, verbose)
+    from rglf.model.convert import convert_checkpoint
 
-    try:
-        report = convert_checkpoint(src, dst, vision_config=vision_config, image_token_id=image_token_id, overwrite=overwrite)
-    except ConvertError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(report.summary())
+    report = convert_checkpoint(src, dst, vision_config=vision_config, image_token_id=image_token_id, overwrite=force)
+    ui.summary(report.summary())
 
 
 # ---- SQL analysis of granularity preferences: rank, sql, report ------------------------
 
 
-@app.command("rank")
+@app.command("rank", epilog="Example: rglf rank --run runs/r1 --out runs/r1-rank --abs-tol 0.02")
 def rank_cmd(
-    feedback: Annotated[
+    run: Annotated[
         Path,
-        typer.Argument(
-            help="Feedback Parquet: a scoring output folder (holding feedback/), the feedback/ folder, "
-            "one file, or a quoted glob."
+        typer.Option(
+            help="Feedback to rank: a run folder (holding feedback/), the feedback/ folder, one Parquet file, "
+            "or a quoted glob."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder for rankings/, pairs/, preferences/, excluded/, rank_report.json.")],
@@ -229,35 +474,34 @@ def rank_cmd(
     ] = 0.02,
     rel_tol: Annotated[float, typer.Option(help="Relative NLL tolerance (fraction of the sample's best NLL).")] = 0.0,
     margin_scale: Annotated[float, typer.Option(help="m of the pair margin m * j * (nll_worse - nll_better).")] = 1.0,
-    levels: Annotated[
+    ladder: Annotated[
         str | None,
         typer.Option(help="Expected ladder, e.g. 36,72,144,288,576 (default: every level_tokens in the feedback)."),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="DuckDB threads (default: core count).")] = None,
+    duckdb_threads: Annotated[int | None, typer.Option(help="DuckDB threads (default: core count).")] = None,
     memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB (default: DuckDB's).")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Rank each sample's levels by NLL in DuckDB SQL: write rankings, pairs and preferences."""
-    from pipeline.rank import FeedbackError, RankConfig, run_rank
+    ui = Output("rank", quiet, verbose)
+    from rglf.pipeline.rank import RankConfig, run_rank
 
     try:
-        ladder = tuple(int(t) for t in levels.split(",")) if levels else None
+        levels = tuple(int(t) for t in ladder.split(",")) if ladder else None
     except ValueError:
-        raise typer.BadParameter(f"--levels must be comma-separated token counts, got {levels!r}") from None
+        raise typer.BadParameter(f"--ladder must be comma-separated token counts, got {ladder!r}") from None
     try:
         cfg = RankConfig(
-            feedback=feedback, out=out, abs_tol=abs_tol, rel_tol=rel_tol, margin_scale=margin_scale,
-            levels=ladder, threads=threads, memory_limit=memory_limit,
+            feedback=run, out=out, abs_tol=abs_tol, rel_tol=rel_tol, margin_scale=margin_scale,
+            levels=levels, threads=duckdb_threads, memory_limit=memory_limit,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    try:
-        report = run_rank(cfg)
-    except FeedbackError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    report = run_rank(cfg)
     excluded = ", ".join(f"{r} {v['n_samples']:,}" for r, v in report["excluded"].items() if v["n_samples"])
     rows = {name: t["rows"] for name, t in report["tables"].items()}
-    typer.echo(
+    ui.summary(
         f"rank: {report['n_samples_ranked']:,} of {report['n_samples']:,} samples ranked on ladder "
         f"{','.join(map(str, report['ladder']))} (excluded: {excluded or 'none'}); rankings {rows['rankings']:,}, "
         f"pairs {rows['pairs']:,}, preferences {rows['preferences']:,} rows -> {out} "
@@ -267,12 +511,15 @@ def rank_cmd(
         typer.echo(f"warning: the feedback mixes model_ids {report['inputs']['model_ids']}", err=True)
 
 
-@app.command("sql")
+@app.command(
+    "sql",
+    epilog="Example: rglf sql \"select source, count(*) from rankings where rank = 1 group by all\" --rank runs/r1-rank",
+)
 def sql_cmd(
     query: Annotated[
         str, typer.Argument(help="DuckDB SQL, e.g. \"SELECT source, count(*) FROM rankings WHERE rank = 1 GROUP BY ALL\".")
     ],
-    run: Annotated[Path | None, typer.Option(help="Scoring output folder: registers samples, feedback, errors.")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder: registers samples, feedback, errors.")] = None,
     rank: Annotated[
         Path | None, typer.Option(help="Rank folder: registers rankings, pairs, preferences, excluded (and its feedback).")
     ] = None,
@@ -281,42 +528,44 @@ def sql_cmd(
         Path | None, typer.Option("--output", "-o", help="File for csv/json/parquet (default: standard output).")
     ] = None,
     max_rows: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 100,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run SQL over a run's tables (views: samples, feedback, errors, rankings, pairs, preferences, excluded)."""
-    from pipeline.query import QueryError, SqlConfig, run_sql
+    Output("sql", quiet, verbose)
+    from rglf.pipeline.query import SqlConfig, run_sql
 
     try:
         cfg = SqlConfig(query=query, run=run, rank=rank, format=fmt, output=output, max_rows=max_rows)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    try:
-        run_sql(cfg, echo=typer.echo)
-    except QueryError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+    run_sql(cfg, echo=typer.echo)
 
 
-@app.command("report")
+@app.command("report", epilog="Example: rglf report --rank runs/r1-rank --run runs/r1 --out runs/r1-report")
 def report_cmd(
     rank: Annotated[Path, typer.Option(help="Rank folder written by `rglf rank`.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNG plots and report.md.")],
-    run: Annotated[Path | None, typer.Option(help="Scoring output folder: adds its samples/feedback/errors counts.")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder: adds its samples/feedback/errors counts.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Plot best-level shares, NLL vs tokens and the oracle frontier; write report.md."""
-    from pipeline.report import ReportConfig, run_report
+    ui = Output("report", quiet, verbose)
+    from rglf.pipeline.report import ReportConfig, run_report
 
     try:
         cfg = ReportConfig(rank=rank, out=out, run=run)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     result = run_report(cfg)
-    typer.echo(f"report: {len(result['files'])} files -> {out} ({result['files']['report']})")
+    ui.summary(f"report: {len(result['files'])} files -> {out} ({result['files']['report']})")
 
 
 # ---- the router: train from tables, evaluate, route ----------------------------------------
 
 
-@app.command("train")
+@app.command("train", epilog="Example: rglf train --run runs/r1 --rank runs/r1-rank --out runs/router --epochs 1")
 def train_cmd(
     run: Annotated[Path, typer.Option(help="Scoring output folder: router_inputs/, router_side/ (the LMM is not loaded).")],
     rank: Annotated[Path, typer.Option(help="Ranking output folder: rankings/ (from `rglf rank`).")],
@@ -333,7 +582,7 @@ def train_cmd(
     margin_scale: Annotated[float, typer.Option(help="m of the adaptive margin (published: 1).")] = 1.0,
     w_rank: Annotated[float, typer.Option(help="Ranking-loss weight (published: 1).")] = 1.0,
     w_ce: Annotated[float, typer.Option(help="Cross-entropy weight (published: 0.1).")] = 0.1,
-    levels: Annotated[
+    ladder: Annotated[
         str | None, typer.Option(help="Ladder subset by tokens per crop, e.g. 36,144,576 (re-ranked within it).")
     ] = None,
     image_only: Annotated[bool, typer.Option(help="Image-only ablation: no instruction tokens.")] = False,
@@ -345,41 +594,43 @@ def train_cmd(
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: every epoch).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every epoch).")] = 0,
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoints/latest if present.")] = True,
-    num_workers: Annotated[int, typer.Option(help="1: this process; >1: Ray Train TorchTrainer workers.")] = 1,
+    workers: Annotated[int, typer.Option(help="1: this process; >1: Ray Train TorchTrainer workers.")] = 1,
     use_gpu: Annotated[bool, typer.Option(help="Ray workers use one GPU each.")] = False,
-    ray_address: Annotated[
+    address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance).")
     ] = None,
     device: Annotated[str, typer.Option(help="Single process: auto, cpu, cuda, cuda:N.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Train the granularity router from rankings + router inputs (RGLF losses), without the LMM."""
-    from router.train import TrainConfig, train_router
+    ui = Output("train", quiet, verbose)
+    from rglf.router.train import TrainConfig, train_router
 
     try:
         cfg = TrainConfig(
             run=run, rank=rank, out=out, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
             micro_batch_size=micro_batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-            grad_clip=grad_clip, loss=loss, margin_scale=margin_scale, w_rank=w_rank, w_ce=w_ce, levels=levels,
+            grad_clip=grad_clip, loss=loss, margin_scale=margin_scale, w_rank=w_rank, w_ce=w_ce, levels=ladder,
             image_only=image_only, top_k=top_k, merger_attends=merger_attends, voter_init=voter_init,
             dropout=dropout, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
-            num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address, device=device, threads=threads,
-            progress=progress,
+            num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
+            progress=not quiet,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     m = train_router(cfg)
     final = m["final"]
     agree = "-" if final["val_agreement"] is None else f"{100 * final['val_agreement']:.1f}%"
-    typer.echo(
+    ui.summary(
         f"train: {m['steps']} steps ({m['n_train']} train / {m['n_val']} val samples, ladder "
         f"{','.join(map(str, m['ladder']))}), loss {final['train_loss']:.4f}, val agreement {agree}, "
         f"{m['samples_per_s']} samples/s ({m['engine']}, {m['num_workers']} worker(s)) -> {out}"
     )
 
 
-@app.command("eval")
+@app.command("eval", epilog="Example: rglf eval --run runs/r1 --rank runs/r1-rank --router runs/router")
 def eval_cmd(
     run: Annotated[Path, typer.Option(help="Scoring output folder: router_inputs/, router_side/.")],
     rank: Annotated[Path, typer.Option(help="Ranking output folder: rankings/.")],
@@ -395,33 +646,40 @@ def eval_cmd(
     budgets: Annotated[str, typer.Option(help="Budgets of the reported curve.")] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Evaluate a router on a held-out split vs the oracle, fixed levels and random; budget curve; eval.json + PNG."""
+    ui = Output("eval", quiet, verbose)
     from rich.console import Console
 
-    from router.evaluate import EvalConfig, eval_table, evaluate_router
+    from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router
 
     try:
         cfg = EvalConfig(
             run=run, rank=rank, router=router, image_only_router=image_only_router, split=split,
             calibration_split=calibration_split, out=out, budget=budget, save_budget=save_budget,
-            budgets=tuple(float(b) for b in budgets.split(",") if b.strip()), seed=seed, device=device, threads=threads,
+            budgets=tuple(float(b) for b in budgets.split(",") if b.strip()), seed=seed, device=device, threads=torch_threads,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     report = evaluate_router(cfg)
-    Console().print(eval_table(report))
+    if not quiet:
+        Console().print(eval_table(report))
     r = report["policies"]["router"]
     finest = report["policies"]["fixed_" + str(report["ladder"][-1])]
-    typer.echo(
+    ui.summary(
         f"eval: router agreement {100 * r['agreement']:.1f}%, accuracy {100 * r['accuracy']:.1f}% "
         f"(always-finest {100 * finest['accuracy']:.1f}%), "
         f"{100 * r['token_fraction']:.1f}% of the finest level's tokens -> {cfg.out / 'eval.json'}"
     )
 
 
-@app.command("route")
+@app.command(
+    "route",
+    epilog="Example: rglf route --router runs/router --image cat.png --question \"What colour is the cat?\" --answer",
+)
 def route_cmd(
     image: Annotated[Path, typer.Option(help="Image file.")],
     question: Annotated[str, typer.Option(help="The question (the instruction).")],
@@ -433,36 +691,42 @@ def route_cmd(
     ] = None,
     lam: Annotated[float | None, typer.Option(help="Raw budget penalty lam (instead of --budget).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 32,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="table (human-readable) or json.")] = "table",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Choose the visual granularity for one image + question (and answer at it with --answer)."""
     import json
 
-    from transformers.utils import logging as hf_logging
+    ui = Output("route", quiet, verbose)
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    from rglf.router.route import format_route, route
 
-    from router.route import format_route, route
+    if device == "auto":
+        import torch
 
-    hf_logging.disable_progress_bar()  # stdout/stderr stay clean for --json and scripts
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         result = route(
             router, model, image, question, answer=answer, budget=budget, lam=lam,
             max_new_tokens=max_new_tokens, device=device,
         )
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (KeyError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(json.dumps(result, indent=2) if json_output else format_route(result))
+    ui.summary(json.dumps(result, indent=2) if fmt == "json" else format_route(result))
 
 
 # ---- the whole idea end to end ---------------------------------------------------------------
 
 # block_shape is left out of the demo mix: the committed checkpoint did not learn it (chance at
-# every level, see model/default/README.md), so it carries no granularity signal.
+# every level, see model/toy/default/README.md), so it carries no granularity signal.
 DEMO_FAMILIES = {"background": 1.0, "block_colour": 1.0, "block_shape": 0.0, "medium": 1.0, "fine": 1.0}
 
 
-@app.command("demo")
+@app.command("demo", epilog="Example: rglf demo --out runs/demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for every stage's outputs (re-running reuses what is done).")] = Path(
         "runs/demo"
@@ -475,21 +739,25 @@ def demo_cmd(
     lr: Annotated[float, typer.Option(help="Router AdamW learning rate.")] = 2e-3,
     merger_attends: Annotated[str, typer.Option(help="Router merger axis: crops (the reference) or tokens.")] = "crops",
     image_only: Annotated[bool, typer.Option(help="Also train the image-only ablation router (~3 more minutes).")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Synthetic data -> ingest -> score (Ray) -> rank (SQL) -> train router -> eval -> report, with one final table."""
     import json
     import time
 
+    Output("demo", quiet, verbose)
+
     from rich.console import Console
     from rich.table import Table
 
-    from model.toy import ToyDatasetConfig, write_dataset
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.rank import RankConfig, run_rank
-    from pipeline.report import ReportConfig, run_report
-    from pipeline.score import ScoreConfig, run_score
-    from router.evaluate import EvalConfig, eval_table, evaluate_router
-    from router.train import TrainConfig, train_router
+    from rglf.model.toy.task import ToyDatasetConfig, write_dataset
+    from rglf.pipeline.ingest import IngestConfig, run_ingest
+    from rglf.pipeline.rank import RankConfig, run_rank
+    from rglf.pipeline.report import ReportConfig, run_report
+    from rglf.pipeline.score import ScoreConfig, run_score
+    from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router
+    from rglf.router.train import TrainConfig, train_router
 
     console = Console()
     data, run, rank = out / "data", out / "run", out / "rank"
@@ -523,7 +791,7 @@ def demo_cmd(
             continue
         m = train_router(TrainConfig(
             run=run, rank=rank, out=folder, epochs=epochs, batch_size=batch_size, lr=lr,
-            image_only=text_off, merger_attends=merger_attends, progress=True,
+            image_only=text_off, merger_attends=merger_attends, progress=not quiet,
         ))
         agreement = (m.get("final") or {}).get("val_agreement")
         shown = f"{100 * agreement:.1f}%" if agreement is not None else "n/a"

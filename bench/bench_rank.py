@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.tables import FEEDBACK_SCHEMA
-from pipeline.rank import RankConfig, run_rank
+from rglf.model.tables import FEEDBACK_SCHEMA
+from rglf.pipeline.rank import RankConfig, run_rank
 
 LEVELS = np.array([36, 72, 144, 288, 576], dtype=np.int32)
 GRIDS = np.array(["6x6", "12x6", "12x12", "24x12", "24x24"])

@@ -62,9 +62,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, TokenizedConversation
-from model.lmm import FrozenLMM, splice
-from model.toy import TOY_VOCABULARY, families_for, question_answer, render, sample_scene, stage1_turns
+from rglf.model.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, TokenizedConversation
+from rglf.model.lmm import FrozenLMM, splice
+from rglf.model.toy.task import (
+    TOY_VOCABULARY,
+    families_for,
+    question_answer,
+    render,
+    sample_scene,
+    stage1_turns,
+)
 
 THROUGHPUT_GOAL = 5.0  # engine / reference samples/s
 MEMORY_GOAL = 1 / 3  # engine / reference peak RSS increment
@@ -97,7 +104,7 @@ def build_lmm(name: str, seed: int = 0) -> FrozenLMM:
     """The benchmark model ``name`` as a ``FrozenLMM`` (random weights, deterministic by seed)."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    from model.tiny import build_image_processor, build_tokenizer, tiny_config
+    from rglf.model.toy.tiny import build_image_processor, build_tokenizer, tiny_config
 
     spec = MODELS[name]
     tokenizer = build_tokenizer(TOY_VOCABULARY)

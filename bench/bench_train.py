@@ -1,7 +1,7 @@
 """Benchmark router training: from tables (this project) vs in-loop RGLF (the reference's way).
 
 Both train the same ``GranularityRouter`` with the same RGLF loss on the same tiny random
-LLaVA-NeXT (``model.tiny.build_tiny_model(model.toy.TOY_VOCABULARY)``: the embedded default's
+LLaVA-NeXT (``model.toy.tiny.build_tiny_model(model.toy.task.TOY_VOCABULARY)``: the embedded default's
 shape, 24 x 24 grid, Llama hidden 128) and the same toy samples, batch for batch:
 
 - tables: a batch is decoded from the router inputs (fp16 vision features + instruction ids),
@@ -40,9 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build(args):
-    from model import toy
-    from model.lmm import FrozenLMM
-    from model.tiny import build_tiny_model
+    from rglf.model.lmm import FrozenLMM
+    from rglf.model.toy import task as toy
+    from rglf.model.toy.tiny import build_tiny_model
 
     model, tok, proc = build_tiny_model(toy.TOY_VOCABULARY, seed=args.seed, text_hidden=args.text_hidden,
                                         text_layers=args.text_layers, intermediate=2 * args.text_hidden)
@@ -59,7 +59,7 @@ def build(args):
 
 
 def router_step(router, opt, feats, crop_mask, text, text_mask, nll, order):
-    from model.rglf import rglf_loss
+    from rglf.model.rglf import rglf_loss
 
     logits = router(feats, crop_mask, text, text_mask)
     loss, _ = rglf_loss(logits, nll, order)
@@ -71,7 +71,7 @@ def router_step(router, opt, feats, crop_mask, text, text_mask, nll, order):
 
 
 def make_router(lmm, seed: int):
-    from model.router import GranularityRouter, RouterConfig
+    from rglf.model.router import GranularityRouter, RouterConfig
 
     torch.manual_seed(seed)
     router = GranularityRouter(RouterConfig(hidden_size=lmm.hidden_size, ladder=lmm.ladder.spec, grid=lmm.grid))
@@ -87,9 +87,9 @@ class TablePath:
     """Router steps from the tables (written once by ``write_lmm_tables``, timed separately)."""
 
     def __init__(self, lmm, samples, args, work: Path):
-        from model.lmm import RouterSide
-        from router.data import load_router_data
-        from router.fixtures import write_lmm_tables
+        from bench.synthetic import write_lmm_tables
+        from rglf.model.lmm import RouterSide
+        from rglf.router.data import load_router_data
 
         t = time.perf_counter()
         write_lmm_tables(lmm, samples, work / "run", work / "rank")
@@ -99,7 +99,7 @@ class TablePath:
         self.router, self.opt = make_router(lmm, args.seed)
 
     def step(self, b: np.ndarray) -> None:
-        from router.data import collate
+        from rglf.router.data import collate
 
         x = collate(self.data, b, self.side)
         router_step(self.router, self.opt, x.crop_features, x.crop_mask, x.text_embeds, x.text_mask, x.nll, x.order)
@@ -113,7 +113,7 @@ class InLoopPath:
         self.router, self.opt = make_router(lmm, args.seed)
 
     def step(self, b: np.ndarray) -> None:
-        from router.data import rank_order
+        from rglf.router.data import rank_order
 
         lmm, tokens = self.lmm, self.lmm.ladder.tokens
         chunk = [self.samples[j] for j in b]

@@ -133,6 +133,8 @@ MAX_LISTED = 20
 class ConvertError(ValueError):
     """A source folder that cannot be converted; the message says what is wrong."""
 
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
+
 
 @dataclass
 class ConvertReport:

@@ -40,6 +40,8 @@ from .scaler import Ladder, Level
 class ModelLoadError(RuntimeError):
     """A checkpoint folder that cannot be loaded as a LLaVA(-NeXT) model."""
 
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
+
 
 @dataclass
 class Encoded:

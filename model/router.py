@@ -66,7 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model.scaler import Ladder, LadderError
+from rglf.model.scaler import Ladder, LadderError
 
 MERGER_AXES = ("tokens", "crops")
 VOTER_INITS = ("normal", "mean", "balanced")

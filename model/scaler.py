@@ -35,6 +35,8 @@ DEFAULT_LEVELS = (36, 72, 144, 288, 576)
 class LadderError(ValueError):
     """A ladder specification that cannot be realised on the crop grid."""
 
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
+
 
 @dataclass(frozen=True)
 class Level:

@@ -51,8 +51,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from model.conversation import IMAGE_PLACEHOLDER, ConversationError, normalise_turns
-from model.tables import ERRORS_SCHEMA, SAMPLES_SCHEMA
+from rglf.model.conversation import IMAGE_PLACEHOLDER, ConversationError, normalise_turns
+from rglf.model.tables import ERRORS_SCHEMA, SAMPLES_SCHEMA
 
 from .writer import write_parquet_atomic, write_text_atomic
 
@@ -61,6 +61,8 @@ DETAIL_CHARS = 500  # an error row's ``detail`` keeps this much of the offending
 
 class IngestError(RuntimeError):
     """The ingest cannot run at all (missing input, existing output without ``--force``)."""
+
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
 
 
 class RecordError(ValueError):

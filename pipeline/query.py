@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from model.tables import ERRORS_SCHEMA
-from pipeline.rank import (
+from rglf.model.tables import ERRORS_SCHEMA
+from rglf.pipeline.rank import (
     REPORT_NAME,
     TABLES,
     FeedbackError,
@@ -48,6 +48,8 @@ FORMATS = ("table", "csv", "json", "parquet")
 
 class QueryError(RuntimeError):
     """A query DuckDB rejected or failed to run; the message is DuckDB's."""
+
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
 
 
 @dataclass

@@ -85,6 +85,8 @@ PART_NAME = "part-0.parquet"
 class FeedbackError(ValueError):
     """Feedback that cannot be ranked: no files, missing columns, NULL or duplicate keys."""
 
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
+
 
 @dataclass
 class RankConfig:

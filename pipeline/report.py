@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.query import open_catalog
-from pipeline.rank import REPORT_NAME
+from rglf.pipeline.query import open_catalog
+from rglf.pipeline.rank import REPORT_NAME
 
 ALL = "__all__"  # the preferences row over every source
 PLOTS = {

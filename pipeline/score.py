@@ -79,7 +79,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
+from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
 
 from .writer import (
     TABLES,
@@ -111,6 +111,8 @@ SUMMARY_SCHEMA = pa.schema(
 
 class ScoreRefused(RuntimeError):
     """The output folder belongs to a different model or ladder (or its provenance is unknown)."""
+
+    exit_code = 2  # cli.EXIT_CODES: bad input or refused
 
 
 @dataclass
@@ -301,7 +303,7 @@ class Scorer:
     ):
         import torch
 
-        from model.lmm import FrozenLMM
+        from rglf.model.lmm import FrozenLMM
 
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
@@ -351,7 +353,7 @@ class Scorer:
         """Rows of one batch -> (feedback rows, router_inputs rows, error rows)."""
         import torch
 
-        from model.conversation import ConversationError
+        from rglf.model.conversation import ConversationError
 
         lmm = self.lmm
         errors: list[dict] = []
@@ -466,8 +468,8 @@ def resolve_model(model: Path, ladder_spec: str | None):
     """(model_id, Ladder) of a checkpoint without loading its weights (the driver needs no GPU)."""
     from transformers import AutoConfig
 
-    from model.lmm import ModelLoadError, checkpoint_fingerprint
-    from model.scaler import Ladder
+    from rglf.model.lmm import ModelLoadError, checkpoint_fingerprint
+    from rglf.model.scaler import Ladder
 
     if not (model / "config.json").is_file():
         raise ModelLoadError(f"{model} is not an HF checkpoint folder (no config.json)")
@@ -717,7 +719,7 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
 
                 ray.shutdown()
     elif not (cfg.run_dir / "router_side" / "router_side.json").exists():
-        from model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
+        from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
 
         log("router_side/ missing: loading the model on this machine (CPU) to write it")
         ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir)

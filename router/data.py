@@ -44,8 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
-from model.lmm import RouterSide
-from model.scaler import Ladder, LadderError
+from rglf.model.lmm import RouterSide
+from rglf.model.scaler import Ladder, LadderError
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "eval": "val"}
@@ -57,6 +57,8 @@ RANKING_COLUMNS = ("sample_id", "source", "split", "level_tokens", "nll_mean", "
 
 class RouterDataError(ValueError):
     """Tables that cannot feed the router: missing folders or columns, inconsistent samples."""
+
+    exit_code = 4  # cli.EXIT_CODES: a required earlier stage is missing (e.g. train before rank)
 
 
 # ---- ranking rule ----------------------------------------------------------------------------

@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.lmm import RouterSide
-from model.router import ROUTER_CONFIG, RouterConfig, load_router
-from model.scaler import Ladder
-from router.budget import DEFAULT_BUDGETS, budget_choice, calibrate, level_costs, save_budget
-from router.data import RouterData, load_router_data, router_logits
-from router.train import resolve_device
+from rglf.model.lmm import RouterSide
+from rglf.model.router import ROUTER_CONFIG, RouterConfig, load_router
+from rglf.model.scaler import Ladder
+from rglf.router.budget import DEFAULT_BUDGETS, budget_choice, calibrate, level_costs, save_budget
+from rglf.router.data import RouterData, load_router_data, router_logits
+from rglf.router.train import resolve_device
 
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.conversation import IMAGE_PLACEHOLDER
-from model.router import load_router
-from router.budget import budget_choice, lam_for_budget, level_costs, log_softmax
+from rglf.model.conversation import IMAGE_PLACEHOLDER
+from rglf.model.router import load_router
+from rglf.router.budget import budget_choice, lam_for_budget, level_costs, log_softmax
 
 
 def route(
@@ -39,7 +39,7 @@ def route(
     """Route one (image, question); returns a JSON-ready dict (see ``rglf route --json``)."""
     from PIL import Image
 
-    from model.lmm import FrozenLMM
+    from rglf.model.lmm import FrozenLMM
 
     if budget is not None and lam is not None:
         raise ValueError("give a budget (calibrated lam from budget.json) or a lam, not both")

@@ -48,10 +48,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.lmm import RouterSide
-from model.rglf import RGLF_LOSSES, rglf_loss
-from model.router import MERGER_AXES, VOTER_INITS, GranularityRouter, RouterConfig, load_router, save_router
-from router.data import RouterData, collate, load_router_data
+from rglf.model.lmm import RouterSide
+from rglf.model.rglf import RGLF_LOSSES, rglf_loss
+from rglf.model.router import (
+    MERGER_AXES,
+    VOTER_INITS,
+    GranularityRouter,
+    RouterConfig,
+    load_router,
+    save_router,
+)
+from rglf.router.data import RouterData, collate, load_router_data
 
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.json"

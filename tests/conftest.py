@@ -27,7 +27,7 @@ def tiny_model():
 
     In memory, read-only: tests must not change its weights.
     """
-    from model.tiny import build_tiny_model
+    from rglf.model.toy.tiny import build_tiny_model
 
     return build_tiny_model(TINY_WORDS)
 
@@ -40,7 +40,7 @@ def tiny_tokenizer(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
     """``tiny_model`` saved as an HF-format folder (``save_tiny_checkpoint``)."""
-    from model.tiny import save_tiny_checkpoint
+    from rglf.model.toy.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llava-next", *tiny_model)
 
@@ -48,7 +48,7 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lmm(tiny_ckpt):
     """``FrozenLMM`` loaded from ``tiny_ckpt`` (read-only: tests must not change its weights)."""
-    from model.lmm import FrozenLMM
+    from rglf.model.lmm import FrozenLMM
 
     return FrozenLMM.from_pretrained(tiny_ckpt)
 

@@ -12,7 +12,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from rglf.cli import app
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.conversation import (
+from rglf.model.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     VICUNA_SYSTEM,

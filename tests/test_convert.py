@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from model.convert import ROUTER_FILE, ConvertError, convert_checkpoint
-from model.lmm import FrozenLMM
-from model.tiny import build_tiny_model
+from rglf.model.convert import ROUTER_FILE, ConvertError, convert_checkpoint
+from rglf.model.lmm import FrozenLMM
+from rglf.model.toy.tiny import build_tiny_model
 
 # transformers 5.23 prefix -> LLaVA's original prefix (first match wins)
 HF_TO_ORIGINAL = (
@@ -117,7 +117,7 @@ def write_original(folder: Path, model, tokenizer, processor=None, *, shards: in
 
 
 def router_state(hidden: int) -> dict[str, torch.Tensor]:
-    from model.router import GranularityRouter, RouterConfig
+    from rglf.model.router import GranularityRouter, RouterConfig
 
     torch.manual_seed(0)
     router = GranularityRouter(RouterConfig(hidden_size=hidden))
@@ -184,7 +184,7 @@ def test_avg_llava_checkpoint_converts_to_identical_weights_and_scores(clip_next
     saved_router = load_file(dst / ROUTER_FILE)
     assert sorted(saved_router) == sorted(router)
     assert all(torch.equal(saved_router[k], router[k]) for k in router)
-    from model.router import GranularityRouter, RouterConfig, convert_avg_llava_router_state_dict
+    from rglf.model.router import GranularityRouter, RouterConfig, convert_avg_llava_router_state_dict
 
     GranularityRouter(RouterConfig(hidden_size=cfg.text_config.hidden_size)).load_state_dict(
         convert_avg_llava_router_state_dict(saved_router), strict=True
@@ -271,7 +271,7 @@ def test_hf_folder_and_existing_destination_are_refused(tiny_ckpt, clip_next, vi
 
 
 def test_cli_convert(clip_next, vision_json, tmp_path):
-    from cli import app
+    from rglf.cli import app
 
     model, tok, processor = clip_next
     src = write_original(tmp_path / "src", copy.deepcopy(model), tok, processor, shards=1)
@@ -280,4 +280,4 @@ def test_cli_convert(clip_next, vision_json, tmp_path):
     assert result.exit_code == 0, result.output
     assert "converted" in result.output and (tmp_path / "dst" / "config.json").exists()
     again = runner.invoke(app, ["convert", str(src), str(tmp_path / "dst")])
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -6,14 +6,11 @@ seed stream training never used).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from model.lmm import FrozenLMM
-from model.stage1 import evaluate, heldout_items
-
-CKPT = Path(__file__).resolve().parents[1] / "model" / "default" / "avg-toy-llava-next"
+from rglf.model.lmm import FrozenLMM
+from rglf.model.toy import DEFAULT_CHECKPOINT as CKPT  # noqa: E402
+from rglf.model.toy.stage1 import evaluate, heldout_items
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from rglf.cli import app
 from tests.readme_commands import readme_rglf_commands
 
 

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from model.tables import ERRORS_SCHEMA, SAMPLES_SCHEMA
-from model.toy import ToyDatasetConfig, write_dataset
-from pipeline.ingest import IngestConfig, IngestError, run_ingest
+from rglf.cli import app
+from rglf.model.tables import ERRORS_SCHEMA, SAMPLES_SCHEMA
+from rglf.model.toy.task import ToyDatasetConfig, write_dataset
+from rglf.pipeline.ingest import IngestConfig, IngestError, run_ingest
 
 
 def read(folder: Path, pattern: str = "*.parquet") -> list[dict]:
@@ -131,11 +131,11 @@ def test_cli_exit_status_says_whether_records_were_rejected(tmp_path):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "conversations": conv("Q?", "A")}])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv("Q?", "A")}])
     runner = CliRunner()
-    result = runner.invoke(app, ["ingest", str(ok), "--image-root", str(tmp_path), "--out", str(tmp_path / "r1")])
+    result = runner.invoke(app, ["ingest", str(ok), "--image-root", str(tmp_path), "--run", str(tmp_path / "r1")])
     assert result.exit_code == 0, result.output
     assert "1 samples" in result.output
-    result = runner.invoke(app, ["ingest", str(ok), str(bad), "--image-root", str(tmp_path), "--out", str(tmp_path / "r2")])
+    result = runner.invoke(app, ["ingest", str(ok), str(bad), "--image-root", str(tmp_path), "--run", str(tmp_path / "r2")])
     assert result.exit_code == 3, result.output
     assert "missing_id: 1" in result.output
-    result = runner.invoke(app, ["ingest", str(tmp_path / "nope.json"), "--image-root", str(tmp_path), "--out", str(tmp_path / "r3")])
+    result = runner.invoke(app, ["ingest", str(tmp_path / "nope.json"), "--image-root", str(tmp_path), "--run", str(tmp_path / "r3")])
     assert result.exit_code == 2 and "does not exist" in result.output

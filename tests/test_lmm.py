@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model.conversation import IGNORE_INDEX
-from model.lmm import FrozenLMM, RouterSide, checkpoint_fingerprint, splice
-from model.tiny import build_tiny_model
+from rglf.model.conversation import IGNORE_INDEX
+from rglf.model.lmm import FrozenLMM, RouterSide, checkpoint_fingerprint, splice
+from rglf.model.toy.tiny import build_tiny_model
 
 # PIL (width, height). The tiny pinpoints are 96x96, 96x192, 192x96: "odd" sizes leave padding
 # that un-padding removes (columns for the wide one, rows for the tall one).

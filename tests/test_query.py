@@ -13,10 +13,10 @@ import pytest
 from test_rank import feedback_rows, write_feedback
 from typer.testing import CliRunner
 
-from cli import app
-from model.tables import ERRORS_SCHEMA
-from pipeline.query import SqlConfig, _visible_columns, open_catalog
-from pipeline.rank import RankConfig, run_rank
+from rglf.cli import app
+from rglf.model.tables import ERRORS_SCHEMA
+from rglf.pipeline.query import SqlConfig, _visible_columns, open_catalog
+from rglf.pipeline.rank import RankConfig, run_rank
 
 runner = CliRunner()
 
@@ -118,13 +118,13 @@ def test_output_file_is_written(folders: tuple[Path, Path], tmp_path: Path, fmt:
 def test_bad_sql_exits_1_with_duckdbs_message(folders: tuple[Path, Path]) -> None:
     _, rank = folders
     result = sql("SELECT * FROM rankingz", "--rank", str(rank))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "Catalog Error" in result.stderr and "rankingz" in result.stderr
     assert "Traceback" not in result.output
     result = sql("SELEC 1")
-    assert result.exit_code == 1 and "Parser Error" in result.stderr
+    assert result.exit_code == 2 and "Parser Error" in result.stderr
     result = sql("SELECT 'x'::INTEGER", "-f", "csv")  # fails at run time, not at bind time
-    assert result.exit_code == 1 and "Conversion Error" in result.stderr
+    assert result.exit_code == 2 and "Conversion Error" in result.stderr
 
 
 def test_bad_options_are_usage_errors(tmp_path: Path) -> None:

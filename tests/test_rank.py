@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from model.tables import FEEDBACK_SCHEMA
-from pipeline.rank import FeedbackError, RankConfig, load_sql, resolve_table, run_rank
+from rglf.model.tables import FEEDBACK_SCHEMA
+from rglf.pipeline.rank import FeedbackError, RankConfig, load_sql, resolve_table, run_rank
 
 LADDER = (36, 72, 144, 288, 576)
 
@@ -381,22 +381,22 @@ def test_sql_is_loaded_from_package_files() -> None:
 
 
 def test_cli_rank_summary_and_errors(tmp_path: Path) -> None:
-    from cli import app
+    from rglf.cli import app
 
     rows = feedback_rows("a", {36: 0.3, 72: 0.2}) + feedback_rows("b", {36: 0.1})
     run = write_feedback(tmp_path / "run", rows)
     runner = CliRunner()
     result = runner.invoke(
-        app, ["rank", str(run), "--out", str(tmp_path / "rank"), "--abs-tol", "0", "--margin-scale", "2"]
+        app, ["rank", "--run", str(run), "--out", str(tmp_path / "rank"), "--abs-tol", "0", "--margin-scale", "2"]
     )
     assert result.exit_code == 0, result.output
     assert "1 of 2 samples ranked" in result.output and "missing_level 1" in result.output
     saved = json.loads((tmp_path / "rank" / "rank_report.json").read_text())
     assert saved["config"]["margin_scale"] == 2.0 and saved["config"]["abs_tol"] == 0.0
 
-    result = runner.invoke(app, ["rank", str(run), "--out", str(tmp_path / "r2"), "--abs-tol", "-1"])
+    result = runner.invoke(app, ["rank", "--run", str(run), "--out", str(tmp_path / "r2"), "--abs-tol", "-1"])
     assert result.exit_code == 2 and "abs_tol" in result.output
 
     write_feedback(tmp_path / "dup", rows + rows[:1])
-    result = runner.invoke(app, ["rank", str(tmp_path / "dup"), "--out", str(tmp_path / "r3")])
-    assert result.exit_code == 1 and "duplicate" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["rank", "--run", str(tmp_path / "dup"), "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 2 and "duplicate" in result.output and "Traceback" not in result.output

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import app
+from rglf.cli import app
 from tests.readme_commands import readme_rglf_commands
 
 

@@ -12,10 +12,10 @@ from PIL import Image
 from test_rank import LADDER, feedback_rows, write_feedback
 from typer.testing import CliRunner
 
-from cli import app
-from model.tables import ERRORS_SCHEMA
-from pipeline.rank import RankConfig, run_rank
-from pipeline.report import PLOTS, ReportConfig, run_report
+from rglf.cli import app
+from rglf.model.tables import ERRORS_SCHEMA
+from rglf.pipeline.rank import RankConfig, run_rank
+from rglf.pipeline.report import PLOTS, ReportConfig, run_report
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.rglf import rglf_loss
+from rglf.model.rglf import rglf_loss
 
 
 def reference_rglf(

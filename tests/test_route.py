@@ -9,17 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from model import toy
-from model.router import GranularityRouter, RouterConfig, save_router
-from router.budget import Calibration, save_budget
+from rglf.model.router import GranularityRouter, RouterConfig, save_router
+from rglf.model.toy import task as toy
+from rglf.router.budget import Calibration, save_budget
 
 QUESTION = toy.QUESTIONS["fine"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from model.lmm import FrozenLMM
-    from model.tiny import build_tiny_model, save_tiny_checkpoint
+    from rglf.model.lmm import FrozenLMM
+    from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("route")
     model, tok, proc = build_tiny_model(toy.TOY_VOCABULARY, text_hidden=32, text_layers=1, vision_hidden=16,
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 
 def invoke(*args):
-    from cli import app
+    from rglf.cli import app
 
     return CliRunner().invoke(app, ["route", *map(str, args)])
 
@@ -44,7 +44,7 @@ def invoke(*args):
 def test_route_cli_prints_a_valid_level_and_answer(setup):
     d = setup["dir"]
     result = invoke("--router", d / "router", "--model", setup["ckpt"], "--image", d / "img.png",
-                    "--question", QUESTION, "--answer", "--max-new-tokens", "4", "--json")
+                    "--question", QUESTION, "--answer", "--max-new-tokens", "4", "--format", "json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     lmm = setup["lmm"]
@@ -67,11 +67,11 @@ def test_route_cli_prints_a_valid_level_and_answer(setup):
 
 def test_route_builds_the_router_inputs_like_the_scoring_job(setup, tmp_path):
     """Probabilities from the live model equal the router's on the tables the scoring job writes."""
-    from model.lmm import RouterSide
-    from model.router import load_router
-    from router.data import load_router_data, router_logits
-    from router.fixtures import write_lmm_tables
-    from router.route import route
+    from bench.synthetic import write_lmm_tables
+    from rglf.model.lmm import RouterSide
+    from rglf.model.router import load_router
+    from rglf.router.data import load_router_data, router_logits
+    from rglf.router.route import route
 
     d, lmm = setup["dir"], setup["lmm"]
     q, a = toy.question_answer(setup["scene"], "fine")
@@ -90,7 +90,7 @@ def test_route_with_a_budget(setup):
     tokens = setup["lmm"].ladder.tokens
     save_budget(d / "router", [Calibration(budget=0.05, lam=1e6, token_fraction=0.06, reachable=False, n_samples=1)])
     result = invoke("--router", d / "router", "--model", setup["ckpt"], "--image", d / "img.png",
-                    "--question", QUESTION, "--budget", "0.05", "--json")
+                    "--question", QUESTION, "--budget", "0.05", "--format", "json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["level_tokens"] == tokens[0] and out["lam"] == 1e6  # a huge lam: always the coarsest level

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.router import (
+from rglf.model.router import (
     AVG_LLAVA_KEY_PREFIX,
     ROUTER_CONFIG,
     ROUTER_WEIGHTS,

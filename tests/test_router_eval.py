@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from router.budget import (
+from bench.synthetic import write_rankings, write_router_inputs, write_synthetic_tables
+from rglf.router.budget import (
     BUDGET_FILE,
     budget_choice,
     calibrate,
@@ -17,8 +18,8 @@ from router.budget import (
     save_budget,
     token_fraction,
 )
-from router.data import load_router_data
-from router.evaluate import (
+from rglf.router.data import load_router_data
+from rglf.router.evaluate import (
     EVAL_JSON,
     EVAL_PNG,
     EvalConfig,
@@ -27,8 +28,7 @@ from router.evaluate import (
     kendall_tau,
     policy_metrics,
 )
-from router.fixtures import write_rankings, write_router_inputs, write_synthetic_tables
-from router.train import TrainConfig, train_router
+from rglf.router.train import TrainConfig, train_router
 
 TOKENS = [36, 144, 576]
 # 4 samples x 3 levels; the hand-computed expectations below follow from these rows
@@ -185,7 +185,7 @@ def test_evaluate_writes_json_png_and_budget(trained, tmp_path):
 
 
 def test_eval_cli(trained, tmp_path):
-    from cli import app
+    from rglf.cli import app
 
     d = trained
     result = CliRunner().invoke(app, ["eval", "--run", str(d / "run"), "--rank", str(d / "rank"), "--router",

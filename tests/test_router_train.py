@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from model.router import load_router
-from router.data import RouterDataError, collate, hash_split, load_router_data, rank_order
-from router.fixtures import SYNTHETIC_KEYS, write_lmm_tables, write_synthetic_tables
-from router.train import CHECKPOINTS, METRICS, TRAIN_CONFIG, TrainConfig, lr_factor, train_router
+from bench.synthetic import SYNTHETIC_KEYS, write_lmm_tables, write_synthetic_tables
+from rglf.model.router import load_router
+from rglf.router.data import RouterDataError, collate, hash_split, load_router_data, rank_order
+from rglf.router.train import CHECKPOINTS, METRICS, TRAIN_CONFIG, TrainConfig, lr_factor, train_router
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,7 +59,7 @@ def test_rank_order_hand_checked():
 def test_rank_order_matches_the_ranking_sql(tmp_path):
     """The Python re-ranking (used for level subsets) agrees with pipeline/sql on the full ladder."""
     rank_mod = pytest.importorskip("pipeline.rank")
-    from model.tables import FEEDBACK_SCHEMA
+    from rglf.model.tables import FEEDBACK_SCHEMA
 
     rng = np.random.default_rng(0)
     levels = [36, 72, 144, 288, 576]
@@ -103,7 +103,7 @@ def test_router_data_joins_tables_and_collates(tables):
 
 
 def data_side(run):
-    from model.lmm import RouterSide
+    from rglf.model.lmm import RouterSide
 
     return RouterSide.load(run / "router_side")
 
@@ -203,7 +203,7 @@ def test_config_validation():
 
 
 def test_cli_defaults_match_train_config():
-    import cli
+    from rglf import cli
 
     params = inspect.signature(cli.train_cmd).parameters
     for f in TrainConfig.__dataclass_fields__.values():
@@ -215,9 +215,9 @@ def test_cli_defaults_match_train_config():
 
 
 def test_train_cli_works_without_the_language_model(tmp_path, monkeypatch):
-    from model import toy
-    from model.lmm import FrozenLMM
-    from model.tiny import build_tiny_model, save_tiny_checkpoint
+    from rglf.model.lmm import FrozenLMM
+    from rglf.model.toy import task as toy
+    from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
 
     model, tok, proc = build_tiny_model(toy.TOY_VOCABULARY, text_hidden=32, text_layers=1, vision_hidden=16,
                                         image_size=32, intermediate=64)
@@ -239,11 +239,11 @@ def test_train_cli_works_without_the_language_model(tmp_path, monkeypatch):
         raise AssertionError("the trainer must not load the LMM")
 
     monkeypatch.setattr(FrozenLMM, "from_pretrained", refuse)
-    from cli import app
+    from rglf.cli import app
 
     result = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "run"), "--rank", str(tmp_path / "rank"),
                                       "--out", str(tmp_path / "router"), "--epochs", "2", "--batch-size", "8",
-                                      "--threads", "1", "--no-progress"])
+                                      "--torch-threads", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "train: 4 steps" in result.output
     router = load_router(tmp_path / "router")

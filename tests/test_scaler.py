@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.scaler import Ladder, LadderError, Level
+from rglf.model.scaler import Ladder, LadderError, Level
 
 # SPEC: tokens per crop -> (grid h x w, avg-pool kernel (height, width)) on the 24x24 map
 PAPER = {36: ((6, 6), (4, 4)), 72: ((12, 6), (2, 4)), 144: ((12, 12), (2, 2)), 288: ((24, 12), (1, 2)), 576: ((24, 24), (1, 1))}

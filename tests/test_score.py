@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from model.lmm import FrozenLMM, RouterSide
-from model.scaler import Ladder
-from model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
-from model.tiny import build_tiny_model, save_tiny_checkpoint
-from model.toy import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
-from pipeline import images
-from pipeline.score import ScoreConfig, ScoreRefused, check_router_inputs, prepare_output
-from pipeline.writer import batch_key, dedupe, part_path, scan_output, write_batch
+from rglf.cli import app
+from rglf.model.lmm import FrozenLMM, RouterSide
+from rglf.model.scaler import Ladder
+from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
+from rglf.model.toy.task import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
+from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
+from rglf.pipeline import images
+from rglf.pipeline.score import ScoreConfig, ScoreRefused, check_router_inputs, prepare_output
+from rglf.pipeline.writer import batch_key, dedupe, part_path, scan_output, write_batch
 
 BG = (128, 128, 128)
 MAX_POSITIONS = 1024  # small context, so a long answer is "too long" without a huge file
@@ -317,10 +317,10 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     inputs, score_rejected, ingest_rejected = build_dataset(tmp_path)
     run = tmp_path / "run"
     runner = CliRunner()
-    args = ["ingest", *map(str, inputs), "--image-root", str(tmp_path / "data"), "--out", str(run)]
+    args = ["ingest", *map(str, inputs), "--image-root", str(tmp_path / "data"), "--run", str(run)]
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.output  # some records were rejected
-    result = runner.invoke(app, ["score", str(run), "--model", str(ckpt), "--batch-size", "4", "--no-progress"])
+    result = runner.invoke(app, ["score", "--run", str(run), "--model", str(ckpt), "--batch-size", "4"])
     assert result.exit_code == 3, result.output  # some inputs were rejected
     assert "7 rejected" in result.output and "MB/sample" in result.output
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from model.tables import FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
-from model.tiny import build_tiny_model, save_tiny_checkpoint
-from model.toy import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.score import ScoreConfig, run_score
-from pipeline.writer import part_files
+from rglf.model.tables import FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
+from rglf.model.toy.task import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
+from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
+from rglf.pipeline.ingest import IngestConfig, run_ingest
+from rglf.pipeline.score import ScoreConfig, run_score
+from rglf.pipeline.writer import part_files
 
 N_SAMPLES = 24
 MIB = 2**20

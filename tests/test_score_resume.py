@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
-from model.tiny import build_tiny_model, save_tiny_checkpoint
-from model.toy import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
-from pipeline.images import load_images
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.score import Scorer, resolve_model, select_pending
-from pipeline.writer import part_files
+from rglf.cli import app
+from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
+from rglf.model.toy.task import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
+from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
+from rglf.pipeline.images import load_images
+from rglf.pipeline.ingest import IngestConfig, run_ingest
+from rglf.pipeline.score import Scorer, resolve_model, select_pending
+from rglf.pipeline.writer import part_files
 
 RGLF = Path(sys.executable).parent / "rglf"
 N_SAMPLES = 16
@@ -51,8 +51,8 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
 
 
 def score_command(run: Path, ckpt: Path, ray_temp: str, *extra: str) -> list[str]:
-    return [str(RGLF), "score", str(run), "--model", str(ckpt), "--batch-size", "1", "--num-cpus", "2",
-            "--object-store-mb", "300", "--ray-temp-dir", ray_temp, "--no-progress", *extra]
+    return [str(RGLF), "score", "--run", str(run), "--model", str(ckpt), "--batch-size", "1", "--num-cpus", "2",
+            "--object-store-mb", "300", "--ray-temp-dir", ray_temp, *extra]
 
 
 def uninterrupted_reference(run: Path, ckpt: Path, out: Path) -> Path:
@@ -147,13 +147,13 @@ def test_killed_job_resumes_to_the_uninterrupted_table(tmp_path):
     # 4. a rerun on a complete output scores nothing (and needs no Ray at all)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.parquet")}
     runner = CliRunner()
-    result = runner.invoke(app, ["score", str(run), "--model", str(ckpt), "--batch-size", "1"])
+    result = runner.invoke(app, ["score", "--run", str(run), "--model", str(ckpt), "--batch-size", "1"])
     assert result.exit_code == 0, result.output
     assert f"{N_SAMPLES} already done, 0 to score" in result.output
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.parquet")} == before
     assert json.loads((run / "run.json").read_text())["history"][-1]["processed"] == 0
 
     # 5. a different ladder on the same folder is refused, and nothing is touched
-    result = runner.invoke(app, ["score", str(run), "--model", str(ckpt), "--ladder", "9,36,144"])
+    result = runner.invoke(app, ["score", "--run", str(run), "--model", str(ckpt), "--ladder", "9,36,144"])
     assert result.exit_code == 2 and "different configuration" in result.output and "--force" in result.output
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.parquet")} == before

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model import toy
-from model.lmm import FrozenLMM
-from model.stage1 import Stage1Config, _scene_turns, build_untrained, save_checkpoint, stage1_loss
+from rglf.model.lmm import FrozenLMM
+from rglf.model.toy import task as toy
+from rglf.model.toy.stage1 import Stage1Config, _scene_turns, build_untrained, save_checkpoint, stage1_loss
 
 
 def test_few_steps_lower_the_multi_level_loss(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import toy
+from rglf.model.toy import task as toy
 
 KERNELS = {288: (1, 2), 144: (2, 2), 72: (2, 4), 36: (4, 4)}  # SPEC: tokens -> (rows, cols) kernel
 

@@ -3,7 +3,7 @@
 AVG-LLaVA's Stage 1 trains the LMM on every granularity: the loss is the mean over levels
 of the answer cross-entropy, with the image encoded once and its projected features pooled
 to each level (SPEC). This module does that for a tiny ``LlavaNextForConditionalGeneration``
-built from ``model.tiny`` on the synthetic task of ``model.toy``, on a CPU.
+built from ``model.toy.tiny`` on the synthetic task of ``model.toy.task``, on a CPU.
 
 What makes it learn in minutes (SPEC, "what then worked"; each is a documented choice):
 - a linear vision path (SigLIP layer 0 = patch conv + position embedding, linear
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import toy
-from .lmm import FrozenLMM, answer_logits, splice
-from .scaler import Ladder
+from ..lmm import FrozenLMM, answer_logits, splice
+from ..scaler import Ladder
+from . import task as toy
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
+from ..conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER)
 # Words of the conversation template and a few common ones, so generic prompts tokenise.

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.lmm import RouterSide
-from model.scaler import Ladder
-from model.tables import ROUTER_INPUTS_SCHEMA
-from router.data import DEFAULT_ABS_TOL, DEFAULT_REL_TOL, hash_split, rank_order
+from rglf.model.lmm import RouterSide
+from rglf.model.scaler import Ladder
+from rglf.model.tables import ROUTER_INPUTS_SCHEMA
+from rglf.router.data import DEFAULT_ABS_TOL, DEFAULT_REL_TOL, hash_split, rank_order
 
 RANKINGS_SCHEMA = pa.schema(
     [
