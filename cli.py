@@ -181,6 +181,16 @@ class Output:
     def progress(self, label: str, unit: str = "samples") -> StageProgress:
         return StageProgress(label, unit, enabled=not self.quiet)
 
+    def table(self, table, *, summary: bool = False) -> None:
+        """A rich table on stdout (hidden by --quiet unless it is the ``summary``); 120 columns wide
+        when stdout is not a terminal."""
+        if self.quiet and not summary:
+            return
+        from rich.console import Console
+
+        console = Console() if sys.stdout.isatty() else Console(width=120, no_color=True)
+        console.print(table)
+
 
 class StageProgress:
     """The one progress display of a stage, fed by a stage's ``progress(done, total, fields)`` callback.
@@ -196,7 +206,9 @@ class StageProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar = self._task = None
-        self._start = self._last_line = 0.0
+        self._start = 0.0
+        self._last_line: float | None = None  # when the last line was printed (None: never)
+        self._printed: tuple[int, int | None] | None = None
         self._state: tuple[int, int | None, dict[str, Any]] | None = None
 
     def __enter__(self) -> StageProgress:
@@ -224,7 +236,8 @@ class StageProgress:
             self._bar.update(self._task, completed=done, total=total, rate=rate, extra=extra)
             return
         now = time.perf_counter()
-        if now - self._last_line >= self.every or (total is not None and done >= total):
+        # the first call (the stage has started), then every `every` seconds, and the end
+        if self._last_line is None or now - self._last_line >= self.every or (total is not None and done >= total):
             self._last_line = now
             self._line(done, total, rate, extra)
 
@@ -233,6 +246,7 @@ class StageProgress:
         return f"{done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and done else ""
 
     def _line(self, done: int, total: int | None, rate: str, extra: str) -> None:
+        self._printed = (done, total)
         of = f"/{total:,}" if total is not None else ""
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         eta = ""
@@ -246,13 +260,145 @@ class StageProgress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self.enabled and self._state is not None and time.perf_counter() - self._last_line > 0 and exc[0] is None:
+        elif self.enabled and self._state is not None and exc[0] is None:
             done, total, fields = self._state
-            if self._last_line == 0.0 or (total is None or done < total):
+            if self._printed != (done, total):  # the last state was not shown yet
                 self._line(done, total, self._rate(done), ", ".join(f"{k} {v}" for k, v in fields.items()))
 
 
 ProgressCallback = Callable[[int, "int | None", "dict[str, Any] | None"], None]
+
+
+# ---- shared options: --device, --config ------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_device(value: str) -> str:
+    """``--device``: auto (CUDA if available), cpu, cuda or cuda:N."""
+    value = str(value).strip().lower()
+    if value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda (or cuda:N)")
+
+
+def device_option(help: str = "auto (CUDA if available), cpu or cuda.") -> Any:
+    """The one ``--device`` option: choices auto|cpu|cuda (cuda:N accepted), default auto."""
+    return typer.Option("--device", parser=parse_device, metavar="[auto|cpu|cuda]", help=help)
+
+
+# --config FILE.toml: the file's values become the command's defaults (click's default_map), so a
+# flag given on the command line wins. Keys are the command's long flags without "--" (kebab or
+# snake case). Each configurable command writes its resolved options beside its outputs in the
+# same format (CONFIG_RECORDS), so `--config RUN/score.toml` repeats a run from its own record.
+CONFIG_RECORDS = {"score": "score.toml", "train": "train.toml", "eval": "eval.toml"}
+_NOT_IN_CONFIG = ("config",)
+_NOT_RECORDED = ("config", "quiet", "verbose")
+
+
+def config_keys(command) -> dict[str, str]:
+    """TOML key -> parameter name for a click command: every long flag, kebab and snake case."""
+    keys: dict[str, str] = {}
+    for p in command.params:
+        if p.param_type_name != "option" or p.name in _NOT_IN_CONFIG:
+            continue
+        for opt in p.opts:
+            if opt.startswith("--"):
+                keys[opt[2:]] = keys[opt[2:].replace("-", "_")] = p.name
+    return keys
+
+
+def read_config(path: Path, command) -> dict[str, Any]:
+    """A ``--config`` TOML file -> ``{parameter name: value}``; unknown keys are a usage error."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise typer.BadParameter(f"{path}: not valid TOML ({err})") from None
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if tables:
+        raise typer.BadParameter(f"{path}: {', '.join(tables)} is a table; give flat key = value pairs")
+    keys = config_keys(command)
+    unknown = sorted(k for k in data if k not in keys)
+    if unknown:
+        raise typer.BadParameter(
+            f"{path}: unknown key(s) {', '.join(unknown)}; the keys are this command's long flags without '--'"
+        )
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = keys[key]
+        if name in values:
+            raise typer.BadParameter(f"{path}: {key} is given twice (kebab and snake case)")
+        values[name] = value
+    return values
+
+
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **read_config(value, ctx.command)}
+    return value
+
+
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", is_eager=True, callback=_load_config, metavar="FILE.toml",
+        help="Option values from a TOML file (keys: this command's flags without '--', e.g. torch-threads = 2); "
+        "flags on the command line win. Every run writes its resolved options beside its outputs in this format.",
+    ),
+]
+
+
+def _toml_value(value: Any) -> str:
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        value = str(value.absolute())  # a record must work from any folder
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's string escapes are valid TOML basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def config_record(ctx: typer.Context) -> str:
+    """The resolved options of the running command as ``--config`` TOML (paths made absolute)."""
+    command = ctx.command_path
+    lines = [
+        f"# {command}: the resolved options of the run that wrote this folder.",
+        f"# Repeat it with `{command} --config THIS_FILE` (flags given on the command line win).",
+    ]
+    for p in ctx.command.params:
+        if p.param_type_name != "option" or p.name in _NOT_RECORDED:
+            continue
+        flag = next(o for o in p.opts if o.startswith("--"))[2:]
+        value = ctx.params.get(p.name)
+        if value is None or (isinstance(value, list | tuple) and not value and p.multiple):
+            lines.append(f"# {flag} = (not set)")
+        else:
+            lines.append(f"{flag} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config_record(ctx: typer.Context, folder: Path) -> Path:
+    """Write ``config_record`` as ``folder/<command>.toml`` (temp name, then renamed)."""
+    path = Path(folder) / CONFIG_RECORDS[ctx.command.name]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(config_record(ctx), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 # ---- embedded default: the synthetic task and the tiny Stage-1 model -------------------
@@ -367,6 +513,7 @@ def ingest_cmd(
 
 @app.command("score", epilog="Example: rglf score --run runs/r1 --model /models/avg-llava-7b-hf --workers 2")
 def score_cmd(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option(help="Run folder holding samples/ (from `rglf ingest`); shared FS on a cluster.")],
     model: Annotated[Path, typer.Option(help="Local HF-format LLaVA(-NeXT) checkpoint folder (same path on every node).")],
     workers: Annotated[int, typer.Option(help="Scorer actors, one frozen model each.")] = 1,
@@ -376,7 +523,7 @@ def score_cmd(
         list[str] | None, typer.Option(help="Custom Ray resource per scorer actor, NAME=AMOUNT (repeatable).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per scorer call = per committed part file.")] = 16,
-    device: Annotated[str, typer.Option(help="auto (cuda when --gpus-per-worker > 0), cpu or cuda.")] = "auto",
+    device: Annotated[str, device_option("auto (cuda when --gpus-per-worker > 0), cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16.")] = "auto",
     ladder: Annotated[
         str | None, typer.Option(help="Levels, e.g. 36,72,144,288,576 or 24x18 (default: the paper's five).")
@@ -394,12 +541,13 @@ def score_cmd(
     object_store_mb: Annotated[int | None, typer.Option(help="Local instance: object store MiB.")] = None,
     ray_temp_dir: Annotated[Path | None, typer.Option(help="Local instance: Ray session folder (keep it short).")] = None,
     force: Annotated[bool, typer.Option(help="Start fresh: move old outputs to RUN/.replaced-<time>/.")] = False,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Score every sample's answer NLL at every level with the frozen LMM (Ray Data); resumable.
 
-    Writes RUN/feedback, router_inputs, errors/score-*, router_side and run.json; a rerun skips what is done.
+    Writes RUN/feedback, router_inputs, errors/score-*, router_side, run.json and score.toml (the options, for --config); a rerun skips what is done.
 
     Exit status: 0 all scored, 3 some inputs rejected, 2 refused (another model or ladder than run.json).
     """
@@ -427,6 +575,7 @@ def score_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     report = run_score(cfg, log=ui.summary)
+    write_config_record(ctx, run)
     raise typer.Exit(report.exit_code)
 
 
@@ -498,13 +647,15 @@ def rank_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = run_rank(cfg)
+    with ui.progress("rank", unit="steps") as bar:
+        report = run_rank(cfg, progress=bar)
     excluded = ", ".join(f"{r} {v['n_samples']:,}" for r, v in report["excluded"].items() if v["n_samples"])
     rows = {name: t["rows"] for name, t in report["tables"].items()}
+    tables = ", ".join(f"{name} {rows[name]:,} rows" if rows[name] else f"{name} empty (0 rows)"
+                       for name in ("rankings", "pairs", "preferences"))
     ui.summary(
         f"rank: {report['n_samples_ranked']:,} of {report['n_samples']:,} samples ranked on ladder "
-        f"{','.join(map(str, report['ladder']))} (excluded: {excluded or 'none'}); rankings {rows['rankings']:,}, "
-        f"pairs {rows['pairs']:,}, preferences {rows['preferences']:,} rows -> {out} "
+        f"{','.join(map(str, report['ladder']))} (excluded: {excluded or 'none'}); {tables} -> {out} "
         f"({report['timings_s']['total']:.1f} s)"
     )
     if len(report["inputs"]["model_ids"]) > 1:
@@ -558,8 +709,10 @@ def report_cmd(
         cfg = ReportConfig(rank=rank, out=out, run=run)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    result = run_report(cfg)
-    ui.summary(f"report: {len(result['files'])} files -> {out} ({result['files']['report']})")
+    with ui.progress("report", unit="files") as bar:
+        result = run_report(cfg, progress=bar)
+    empty = "" if result["n_preference_rows"] else " (no ranked samples: the preferences table is empty, no plots)"
+    ui.summary(f"report: {len(result['files'])} files -> {out} ({result['files']['report']}){empty}")
 
 
 # ---- the router: train from tables, evaluate, route ----------------------------------------
@@ -567,6 +720,7 @@ def report_cmd(
 
 @app.command("train", epilog="Example: rglf train --run runs/r1 --rank runs/r1-rank --out runs/router --epochs 1")
 def train_cmd(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option(help="Scoring output folder: router_inputs/, router_side/ (the LMM is not loaded).")],
     rank: Annotated[Path, typer.Option(help="Ranking output folder: rankings/ (from `rglf rank`).")],
     out: Annotated[Path, typer.Option(help="Router folder to write (weights, configs, metrics.json, checkpoints/).")],
@@ -599,13 +753,18 @@ def train_cmd(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance).")
     ] = None,
-    device: Annotated[str, typer.Option(help="Single process: auto, cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[str, device_option("Single process: auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
     torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Train the granularity router from rankings + router inputs (RGLF losses), without the LMM."""
+    """Train the granularity router from rankings + router inputs (RGLF losses), without the LMM.
+
+    Writes OUT/router.safetensors, router_config.json, train_config.json, metrics.json, training_curve.png and train.toml (the options, for --config).
+    """
     ui = Output("train", quiet, verbose)
+    from rglf.router.evaluate import TRAINING_CURVE_PNG, plot_training_curve
     from rglf.router.train import TrainConfig, train_router
 
     try:
@@ -620,7 +779,10 @@ def train_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    m = train_router(cfg)
+    with ui.progress("train", unit="steps") as bar:
+        m = train_router(cfg, progress=bar)
+    plot_training_curve(m, out / TRAINING_CURVE_PNG)
+    write_config_record(ctx, out)
     final = m["final"]
     agree = "-" if final["val_agreement"] is None else f"{100 * final['val_agreement']:.1f}%"
     ui.summary(
@@ -632,6 +794,7 @@ def train_cmd(
 
 @app.command("eval", epilog="Example: rglf eval --run runs/r1 --rank runs/r1-rank --router runs/router")
 def eval_cmd(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option(help="Scoring output folder: router_inputs/, router_side/.")],
     rank: Annotated[Path, typer.Option(help="Ranking output folder: rankings/.")],
     router: Annotated[Path, typer.Option(help="Router folder (from `rglf train`).")],
@@ -645,16 +808,18 @@ def eval_cmd(
     save_budget: Annotated[bool, typer.Option(help="Save the calibrated lam(s) in ROUTER/budget.json.")] = False,
     budgets: Annotated[str, typer.Option(help="Budgets of the reported curve.")] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    device: Annotated[str, device_option()] = "auto",
     torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Evaluate a router on a held-out split vs the oracle, fixed levels and random; budget curve; eval.json + PNG."""
-    ui = Output("eval", quiet, verbose)
-    from rich.console import Console
+    """Evaluate a router on a held-out split vs the oracle, fixed levels and random.
 
-    from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router
+    Prints the policies, per-source rows and RouteLLM's APGR / CPT(50%) / CPT(80%); writes eval.json, eval.png, confusion.png, training_curve.png (from ROUTER/metrics.json) and eval.toml (the options, for --config).
+    """
+    ui = Output("eval", quiet, verbose)
+    from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router, routellm_table, source_table
 
     try:
         cfg = EvalConfig(
@@ -664,59 +829,91 @@ def eval_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = evaluate_router(cfg)
-    if not quiet:
-        Console().print(eval_table(report))
+    with ui.progress("eval", unit="samples") as bar:
+        report = evaluate_router(cfg, progress=bar)
+    write_config_record(ctx, cfg.out)
+    for table in (eval_table(report), source_table(report), routellm_table(report)):
+        ui.table(table)
+    ui.summary(eval_summary(report, cfg.out))
+
+
+def eval_summary(report: dict[str, Any], out: Path) -> str:
+    """The one-line summary of an evaluation."""
     r = report["policies"]["router"]
     finest = report["policies"]["fixed_" + str(report["ladder"][-1])]
-    ui.summary(
-        f"eval: router agreement {100 * r['agreement']:.1f}%, accuracy {100 * r['accuracy']:.1f}% "
-        f"(always-finest {100 * finest['accuracy']:.1f}%), "
-        f"{100 * r['token_fraction']:.1f}% of the finest level's tokens -> {cfg.out / 'eval.json'}"
+    apgr = report["routellm"]["curves"]["router"]["apgr"]
+    return (
+        f"eval: {report['n_samples']:,} {report['split']} samples; router agreement {100 * r['agreement']:.1f}%, "
+        f"accuracy {100 * r['accuracy']:.1f}% (always-finest {100 * finest['accuracy']:.1f}%), "
+        f"{100 * r['token_fraction']:.1f}% of the finest level's tokens, APGR "
+        + ("n/a" if apgr is None else f"{apgr:.2f}") + f" -> {out / 'eval.json'}"
     )
 
 
 @app.command(
     "route",
-    epilog="Example: rglf route --router runs/router --image cat.png --question \"What colour is the cat?\" --answer",
+    epilog="Examples: rglf route --router runs/router --image cat.png --question \"What colour is the cat?\" --answer  |  "
+    "rglf route --router runs/router --data data/test.json --image-root data --out runs/routed.parquet",
 )
 def route_cmd(
-    image: Annotated[Path, typer.Option(help="Image file.")],
-    question: Annotated[str, typer.Option(help="The question (the instruction).")],
     router: Annotated[Path, typer.Option(help="Router folder (from `rglf train`).")],
+    image: Annotated[Path | None, typer.Option(help="One image file (with --question).")] = None,
+    question: Annotated[str | None, typer.Option(help="The question (the instruction) about --image.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A LLaVA-format JSON/JSONL file to route every record of (with --image-root, --out).")
+    ] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder the --data records' image paths are relative to.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Parquet file for --data: one row per record (level, probabilities, tokens).")
+    ] = None,
     model: Annotated[Path, typer.Option(help="HF-format LLaVA(-NeXT) checkpoint folder.")] = DEFAULT_CHECKPOINT,
     answer: Annotated[bool, typer.Option(help="Also generate the greedy answer at the chosen level.")] = False,
     budget: Annotated[
         float | None, typer.Option(help="Token budget calibrated in ROUTER/budget.json (`rglf eval --save-budget`).")
     ] = None,
     lam: Annotated[float | None, typer.Option(help="Raw budget penalty lam (instead of --budget).")] = None,
+    batch_size: Annotated[int, typer.Option(help="--data: images per vision + router pass.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    fmt: Annotated[str, typer.Option("--format", help="table (human-readable) or json.")] = "table",
+    device: Annotated[str, device_option()] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="One image: table (human-readable) or json.")] = "table",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Choose the visual granularity for one image + question (and answer at it with --answer)."""
+    """Choose the visual granularity for an image + question, or for every record of a LLaVA file.
+
+    One image: prints the level, the router's probabilities and the visual tokens (and the answer with --answer). --data: routes the whole file in batches (router and model loaded once), writes --out and prints one summary line; exit 3 when some records were rejected (error_code column).
+    """
     import json
 
     ui = Output("route", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
-    from rglf.router.route import format_route, route
+    single, batch = (image, question), (data, image_root, out)
+    if data is not None:
+        if image is not None or question is not None:
+            raise typer.BadParameter("give --image/--question (one image) or --data (a file), not both")
+        if image_root is None or out is None:
+            raise typer.BadParameter("--data needs --image-root and --out")
+    elif None in single or any(v is not None for v in batch):
+        raise typer.BadParameter("give --image and --question (one image), or --data, --image-root and --out")
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    from rglf.router.route import Router, format_route, route, route_dataset
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        result = route(
-            router, model, image, question, answer=answer, budget=budget, lam=lam,
-            max_new_tokens=max_new_tokens, device=device,
-        )
-    except (KeyError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    ui.summary(json.dumps(result, indent=2) if fmt == "json" else format_route(result))
+        if data is None:
+            result = route(router, model, image, question, answer=answer, budget=budget, lam=lam,
+                           max_new_tokens=max_new_tokens, device=device)
+            ui.summary(json.dumps(result, indent=2) if fmt == "json" else format_route(result))
+            return
+        loaded = Router.load(router, model, device=device)
+        with ui.progress("route", unit="records") as bar:
+            report = route_dataset(loaded, data, image_root, out, batch_size=batch_size, budget=budget, lam=lam,
+                                   answer=answer, max_new_tokens=max_new_tokens, progress=bar)
+    except KeyError as e:  # a budget that is not calibrated
+        raise typer.BadParameter(str(e.args[0]) if e.args else str(e)) from None
+    ui.summary(report.summary())
+    raise typer.Exit(report.exit_code)
 
 
 # ---- the whole idea end to end ---------------------------------------------------------------
@@ -742,13 +939,12 @@ def demo_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Synthetic data -> ingest -> score (Ray) -> rank (SQL) -> train router -> eval -> report, with one final table."""
+    """Synthetic data -> ingest -> score (Ray) -> rank (SQL) -> train router -> eval -> report -> route, one final table."""
     import json
     import time
 
-    Output("demo", quiet, verbose)
+    ui = Output("demo", quiet, verbose)
 
-    from rich.console import Console
     from rich.table import Table
 
     from rglf.model.toy.task import ToyDatasetConfig, write_dataset
@@ -756,16 +952,24 @@ def demo_cmd(
     from rglf.pipeline.rank import RankConfig, run_rank
     from rglf.pipeline.report import ReportConfig, run_report
     from rglf.pipeline.score import ScoreConfig, run_score
-    from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router
+    from rglf.router.evaluate import (
+        TRAINING_CURVE_PNG,
+        EvalConfig,
+        eval_table,
+        evaluate_router,
+        plot_training_curve,
+        routellm_table,
+    )
+    from rglf.router.route import Router, route_dataset
     from rglf.router.train import TrainConfig, train_router
 
-    console = Console()
     data, run, rank = out / "data", out / "run", out / "rank"
     router_dir, image_only_dir, eval_dir, report_dir = out / "router", out / "router-image-only", out / "eval", out / "report"
+    routed = out / "routed-test.parquet"
     start = time.time()
 
     def stage(name: str, detail: str) -> None:
-        console.print(f"[bold]{name:<8}[/bold] {detail}  [dim]({time.time() - start:.0f} s)[/dim]")
+        ui.log(f"{name:<8} {detail}  ({time.time() - start:.0f} s)")
 
     if not (data / "dataset.json").exists():
         summary = write_dataset(data, ToyDatasetConfig(n_samples=n_samples, seed=0, family_weights=DEMO_FAMILIES))
@@ -780,7 +984,8 @@ def demo_cmd(
     else:
         stage("ingest", f"reusing {run / 'samples'}")
     run_score(ScoreConfig(run_dir=run, model=model, workers=workers, progress=False), log=lambda m: stage("score", m))
-    report = run_rank(RankConfig(feedback=run, out=rank))
+    with ui.progress("rank", unit="steps") as bar:
+        report = run_rank(RankConfig(feedback=run, out=rank), progress=bar)
     stage("rank", f"{report['tables']['rankings']['rows']:,} rankings, {report['tables']['pairs']['rows']:,} pairs -> {rank}")
     for folder, text_off in ((router_dir, False), (image_only_dir, True)):
         if text_off and not image_only:
@@ -789,19 +994,30 @@ def demo_cmd(
         if (folder / "router_config.json").exists():
             stage("train", f"reusing the {name} in {folder}")
             continue
-        m = train_router(TrainConfig(
-            run=run, rank=rank, out=folder, epochs=epochs, batch_size=batch_size, lr=lr,
-            image_only=text_off, merger_attends=merger_attends, progress=not quiet,
-        ))
+        with ui.progress(f"train {name}", unit="steps") as bar:
+            m = train_router(TrainConfig(
+                run=run, rank=rank, out=folder, epochs=epochs, batch_size=batch_size, lr=lr,
+                image_only=text_off, merger_attends=merger_attends, progress=not quiet,
+            ), progress=bar)
+        plot_training_curve(m, folder / TRAINING_CURVE_PNG)
         agreement = (m.get("final") or {}).get("val_agreement")
         shown = f"{100 * agreement:.1f}%" if agreement is not None else "n/a"
         stage("train", f"{name}: {m.get('steps', '?')} steps, val agreement {shown} -> {folder}")
-    result = evaluate_router(EvalConfig(
-        run=run, rank=rank, router=router_dir, image_only_router=image_only_dir if image_only else None, out=eval_dir,
-    ))
-    console.print(eval_table(result))
-    files = run_report(ReportConfig(rank=rank, out=report_dir, run=run))["files"]
+    with ui.progress("eval", unit="samples") as bar:
+        result = evaluate_router(EvalConfig(
+            run=run, rank=rank, router=router_dir, image_only_router=image_only_dir if image_only else None, out=eval_dir,
+        ), progress=bar)
+    ui.table(eval_table(result))
+    ui.table(routellm_table(result))
+    with ui.progress("report", unit="files") as bar:
+        files = run_report(ReportConfig(rank=rank, out=report_dir, run=run), progress=bar)["files"]
     stage("report", f"{len(files)} files -> {report_dir}")
+    if not routed.exists():  # the trained router on the raw test file, as a user would run it
+        with ui.progress("route", unit="records") as bar:
+            routing = route_dataset(Router.load(router_dir, model), data / "test.json", data, routed, progress=bar)
+        stage("route", routing.summary().removeprefix("route: "))
+    else:
+        stage("route", f"reusing {routed}")
 
     policies = result["policies"]
     finest = str(result["ladder"][-1])
@@ -814,11 +1030,11 @@ def demo_cmd(
         p = policies[key]
         table.add_row(label, f"{100 * p['accuracy']:.1f}", f"{p['nll']:.3f}", f"{p['mean_visual_tokens']:.0f}",
                       f"{100 * p['token_reduction']:.1f}")
-    console.print(table)
-    console.print(f"tables: {run}/feedback, {rank}/rankings|pairs|preferences; eval: {eval_dir}/eval.json, "
-                  f"{result.get('plot', eval_dir / 'eval.png')}; report: {report_dir}/report.md")
-    console.print(f"demo finished in {time.time() - start:.0f} s. Try: rglf sql \"select * from preferences "
-                  f"where policy = 'oracle'\" --rank {rank}")
+    ui.table(table, summary=True)
+    ui.log(f"tables: {run}/feedback, {rank}/rankings|pairs|preferences, {routed}; eval: {eval_dir}/eval.json and "
+           f"PNGs; report: {report_dir}/report.md")
+    ui.summary(f"demo finished in {time.time() - start:.0f} s. Try: rglf sql \"select * from preferences "
+               f"where policy = 'oracle'\" --rank {rank}")
 
 
 if __name__ == "__main__":

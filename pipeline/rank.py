@@ -57,6 +57,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -80,6 +81,9 @@ REQUIRED_COLUMNS = (
 )
 REPORT_NAME = "rank_report.json"
 PART_NAME = "part-0.parquet"
+# The timed steps of ``run_rank`` (what its progress callback counts).
+STEPS = ("ladder", "sample_checks", "rank", *(f"write_{t}" for t in TABLES))
+Progress = Callable[[int, "int | None", "dict[str, Any] | None"], None]
 
 
 class FeedbackError(ValueError):
@@ -279,7 +283,8 @@ def _publish(tmp: Path, out: Path, names: list[str]) -> None:
 
 
 def _build(
-    con: duckdb.DuckDBPyConnection, cfg: RankConfig, root: Path, files: list[Path], tmp: Path
+    con: duckdb.DuckDBPyConnection, cfg: RankConfig, root: Path, files: list[Path], tmp: Path,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the SQL stages on ``con``, write every table into ``tmp``; return the report."""
     timings: dict[str, float] = {}
@@ -288,6 +293,8 @@ def _build(
     def step(name: str, t0: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - t0, 3)
+        if progress is not None:
+            progress(len(timings), len(STEPS), {"done": name})
         return now
 
     columns = register_parquet(con, "feedback", files)
@@ -368,11 +375,12 @@ def _build(
     }
 
 
-def run_rank(cfg: RankConfig) -> dict[str, Any]:
+def run_rank(cfg: RankConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Build rankings, pairs, preferences and excluded from ``cfg.feedback`` into ``cfg.out``.
 
     Returns the report that is also written to ``cfg.out / "rank_report.json"``. Raises
     ``FeedbackError`` for feedback that cannot be ranked (nothing is written then).
+    ``progress(done, total, {"done": step})`` is called after each of the ``STEPS``.
     """
     t_start = time.perf_counter()
     root, files = resolve_table(cfg.feedback)
@@ -387,7 +395,7 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
     try:
         con = connect(cfg.threads, cfg.memory_limit, tmp / ".duckdb_tmp")
         try:
-            report = _build(con, cfg, root, files, tmp)
+            report = _build(con, cfg, root, files, tmp, progress)
         finally:
             con.close()
         report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from rglf.pipeline.query import open_catalog
-from rglf.pipeline.rank import REPORT_NAME
+from rglf.pipeline.rank import REPORT_NAME, TABLES
+
+Progress = Callable[[int, "int | None", "dict[str, Any] | None"], None]
 
 ALL = "__all__"  # the preferences row over every source
 PLOTS = {
@@ -100,10 +102,12 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 
 def _log_tokens_axis(ax) -> None:
-    from matplotlib.ticker import ScalarFormatter
+    # the same axis as router/evaluate.py's plots (which cannot import this module)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean visual tokens per sample (log scale)")
 
 
@@ -118,14 +122,17 @@ def plot_best_level_share(prefs: list[dict[str, Any]], levels: list[int], path: 
     fixed = [p for p in prefs if p["policy"] == "fixed"]
     sources = list(dict.fromkeys(p["source"] for p in fixed))[::-1]  # '__all__' on top
     share = {(p["source"], p["level_tokens"]): p["best_share"] or 0.0 for p in fixed}
+    counts = {p["source"]: p["n_samples"] for p in fixed}
+    # the sample count on every bar: a 28-sample source must not look as certain as a 1,000-sample one
+    labels = [f"{_source_label(s)}\n(n = {counts.get(s, 0):,})" for s in sources]
     colors = colormaps["viridis"]
-    fig = _figure(8, 1.2 + 0.45 * len(sources))
+    fig = _figure(8, 1.4 + 0.6 * len(sources))
     ax = fig.add_subplot()
     left = [0.0] * len(sources)
     for k, level in enumerate(levels):
         widths = [share.get((s, level), 0.0) for s in sources]
         color = colors(k / max(len(levels) - 1, 1))
-        ax.barh([_source_label(s) for s in sources], widths, left=left, color=color, label=str(level))
+        ax.barh(labels, widths, left=left, color=color, label=str(level))
         for y, (x0, w) in enumerate(zip(left, widths, strict=True)):
             if w >= 0.07:
                 ax.text(
@@ -158,35 +165,50 @@ def plot_nll_vs_tokens(prefs: list[dict[str, Any]], path: Path, dpi: int) -> Non
 
     sources = list(dict.fromkeys(p["source"] for p in prefs))
     colors = colormaps["tab10"]
-    fig = _figure(8, 5)
+    fig = _figure(8.5, 5.2)
     ax = fig.add_subplot()
     for k, source in enumerate(sources):
         color = "black" if source == ALL else colors(k % 10)
         fixed = [p for p in prefs if p["source"] == source and p["policy"] == "fixed"]
         oracle = [p for p in prefs if p["source"] == source and p["policy"] == "oracle"]
+        n = fixed[0]["n_samples"] if fixed else 0
         ax.plot(
             [p["mean_visual_tokens"] for p in fixed],
             [p["mean_nll"] for p in fixed],
             marker="o",
+            ms=4,
             color=color,
-            lw=2.2 if source == ALL else 1.4,
-            label=_source_label(source),
+            lw=2.2 if source == ALL else 1.2,
+            label=f"{_source_label(source)} (n = {n:,})",
+            zorder=2,
         )
-        for p in oracle:
+        for p in oracle:  # above every line and marker, outlined so it shows on any colour
             ax.scatter(
                 p["mean_visual_tokens"],
                 p["mean_nll"],
                 marker="*",
-                s=160,
+                s=230,
                 color=color,
-                edgecolor="white",
-                zorder=3,
+                edgecolor="black" if source != ALL else "gold",
+                linewidth=0.8,
+                zorder=5,
             )
+        if source == ALL:  # the levels, once, on the all-sources line
+            for p in fixed:
+                ax.annotate(
+                    f"{p['level_tokens']}",
+                    (p["mean_visual_tokens"], p["mean_nll"]),
+                    textcoords="offset points",
+                    xytext=(0, 8),
+                    ha="center",
+                    fontsize=8,
+                )
+    ax.scatter([], [], marker="*", s=160, color="white", edgecolor="black", label="oracle (each sample's best level)")
     _log_tokens_axis(ax)
-    ax.set_ylabel("mean answer NLL")
-    ax.set_title("Fixed levels (lines) and the oracle's best level (stars)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mean answer NLL (lower is better)")
+    ax.set_title("Fixed levels (lines; labels: tokens per crop) and the oracle (stars)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
     _save(fig, path, dpi)
 
 
@@ -204,12 +226,13 @@ def plot_frontier(prefs: list[dict[str, Any]], path: Path, dpi: int) -> None:
         ax = fig.add_subplot(1, 2, i + 1)
         xs = [p["mean_visual_tokens"] for p in fixed]
         ax.plot(xs, [p[metric] for p in fixed], marker="o", color="tab:blue", label="fixed level")
-        for p in fixed:
+        for k, p in enumerate(fixed):  # alternate above / below: neighbours never collide
             ax.annotate(
                 str(p["level_tokens"]),
                 (p["mean_visual_tokens"], p[metric]),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(0, 8 if k % 2 == 0 else -13),
+                ha="center",
                 fontsize=8,
             )
         ax.scatter(
@@ -222,6 +245,7 @@ def plot_frontier(prefs: list[dict[str, Any]], path: Path, dpi: int) -> None:
             label=f"oracle ({oracle['token_reduction_vs_finest']:.0%} fewer tokens)",
         )
         _log_tokens_axis(ax)
+        ax.margins(x=0.06, y=0.1)  # room for the labels and the star at the edges
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -275,29 +299,55 @@ def preferences_markdown(prefs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def table_state(folder: Path, table: str) -> tuple[str, int | None]:
+    """``("missing", None)``: no ``table/`` folder (nor ``table.parquet``); ``("empty", 0)``: it
+    exists but holds no rows (no part files, or only empty ones); ``("rows", n)`` otherwise."""
+    import pyarrow.parquet as pq
+
+    from rglf.pipeline.rank import parquet_files
+
+    if (folder / table).is_dir():
+        files = parquet_files(folder / table)
+    elif (folder / f"{table}.parquet").is_file():
+        files = [folder / f"{table}.parquet"]
+    else:
+        return "missing", None
+    n = sum(pq.read_metadata(f).num_rows for f in files)
+    return ("rows", n) if n else ("empty", 0)
+
+
+def describe_table(name: str, state: tuple[str, int | None]) -> str:
+    """One line of a summary: ``feedback: 5,000 rows`` / ``errors: empty (0 rows)`` / ``samples: missing``."""
+    kind, n = state
+    if kind == "missing":
+        return f"{name}: missing (no {name}/ folder)"
+    if kind == "empty":
+        return f"{name}: empty (0 rows)"
+    return f"{name}: {n:,} row{'s' if n != 1 else ''}"
+
+
 def _run_section(run: Path) -> list[str]:
-    con, views = open_catalog(run=run)
-    try:
-        lines = ["## Scoring run", "", f"Folder: `{run}`", ""]
-        for view in ("samples", "feedback", "errors"):
-            if view in views:
-                n = con.table(view).aggregate("count(*)").fetchall()[0][0]
-                lines.append(f"- {view}: {n:,} rows")
-            else:
-                lines.append(f"- {view}: not found")
-        if "errors" in views:
+    lines = ["## Scoring run", "", f"Folder: `{run}`", ""]
+    states = {view: table_state(run, view) for view in ("samples", "feedback", "errors")}
+    lines += [f"- {describe_table(view, state)}" for view, state in states.items()]
+    if states["errors"][0] == "rows":
+        con, _ = open_catalog(run=run)
+        try:
             by_code = "code" in con.table("errors").columns
             rows = con.sql(_ERRORS_BY_CODE_SQL if by_code else _ERRORS_BY_REASON_SQL).fetchall()
-            if rows:
-                lines += ["", f"| stage | {'code' if by_code else 'reason'} | rows |", "|---|---|---:|"]
-                lines += [f"| {stage} | {what} | {n:,} |" for stage, what, n in rows]
-        return [*lines, ""]
-    finally:
-        con.close()
+        finally:
+            con.close()
+        if rows:
+            lines += ["", f"| stage | {'code' if by_code else 'reason'} | rows |", "|---|---|---:|"]
+            lines += [f"| {stage} | {what} | {n:,} |" for stage, what, n in rows]
+    return [*lines, ""]
 
 
-def run_report(cfg: ReportConfig) -> dict[str, Any]:
-    """Write the PNGs and ``report.md`` for ``cfg.rank`` into ``cfg.out``; return what was written."""
+def run_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Write the PNGs and ``report.md`` for ``cfg.rank`` into ``cfg.out``; return what was written.
+
+    ``progress(done, total, {"wrote": file})`` after each file (optional).
+    """
     rank_report = json.loads((cfg.rank / REPORT_NAME).read_text())
     con, _ = open_catalog(rank=cfg.rank)
     try:
@@ -309,11 +359,22 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     levels = sorted({p["level_tokens"] for p in prefs if p["policy"] == "fixed"})
 
     written: dict[str, str] = {}
+    total = 1 + (len(PLOTS) if prefs else 0)
+
+    def wrote(name: str, path: Path) -> None:
+        written[name] = str(path)
+        if progress is not None:
+            progress(len(written), total, {"wrote": path.name})
+
     if prefs:
-        plot_best_level_share(prefs, levels, cfg.out / "best_level_share.png", cfg.dpi)
-        plot_nll_vs_tokens(prefs, cfg.out / "nll_vs_tokens.png", cfg.dpi)
-        plot_frontier(prefs, cfg.out / "frontier.png", cfg.dpi)
-        written.update({name: str(cfg.out / f"{name}.png") for name in PLOTS})
+        plots = {
+            "best_level_share": lambda path: plot_best_level_share(prefs, levels, path, cfg.dpi),
+            "nll_vs_tokens": lambda path: plot_nll_vs_tokens(prefs, path, cfg.dpi),
+            "frontier": lambda path: plot_frontier(prefs, path, cfg.dpi),
+        }
+        for name in PLOTS:
+            plots[name](cfg.out / f"{name}.png")
+            wrote(name, cfg.out / f"{name}.png")
 
     conf = rank_report.get("config", {})
     excluded = {r: v["n_samples"] for r, v in rank_report.get("excluded", {}).items() if v["n_samples"]}
@@ -330,10 +391,11 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         "- samples excluded: "
         + (", ".join(f"{r} {n:,}" for r, n in excluded.items()) if excluded else "none")
         + (" (a sample can fail several checks; see `excluded/`)" if excluded else ""),
+        "- tables: " + "; ".join(describe_table(t, table_state(cfg.rank, t)) for t in TABLES),
         "",
     ]
     if not prefs:
-        md += ["No ranked samples: nothing to plot.", ""]
+        md += ["No ranked samples (the preferences table is empty): nothing to plot.", ""]
     else:
         oracle = next(p for p in prefs if p["source"] == ALL and p["policy"] == "oracle")
         finest = max(
@@ -366,5 +428,5 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         md += _run_section(cfg.run)
     report_md = cfg.out / "report.md"
     _atomic_write(report_md, lambda tmp: tmp.write_text("\n".join(md), encoding="utf-8"))
-    written["report"] = str(report_md)
+    wrote("report", report_md)
     return {"files": written, "n_preference_rows": len(prefs)}

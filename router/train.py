@@ -36,11 +36,13 @@ The output folder must be on a filesystem every worker sees (one machine: any fo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,9 @@ TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+PROGRESS_FILE = ".train-progress.json"  # Ray workers -> driver (see _ProgressFile)
+PROGRESS_FILE_KEY = "_progress_file"
+Progress = Callable[[int, "int | None", "dict[str, Any] | None"], None]
 
 
 def parse_levels(levels: str | Any | None) -> tuple[int, ...] | None:
@@ -159,7 +164,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     """Samples per forward pass during validation."""
     progress: bool = True
-    """Show a rich progress bar (rank 0 only)."""
+    """Report progress to the ``progress`` callback of ``train_router`` (rank 0 only; the CLI
+    draws it); False: no progress calls."""
 
     def __post_init__(self) -> None:
         self.run, self.rank, self.out = Path(self.run), Path(self.rank), Path(self.out)
@@ -338,29 +344,71 @@ def validate(cfg: TrainConfig, router, data: RouterData, side: RouterSide, idx: 
     return {"val_loss": float(sums[0]) / n, "val_agreement": float(sums[1]) / n, "n_val": int(sums[2])}
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class _ProgressRelay:
+    """The loop's progress display, relayed to a ``progress(done, total, fields)`` callback
+    (rendering is the caller's: cli.py draws one bar or periodic lines). No callback: silent."""
 
-    return Progress(
-        TextColumn("[bold]router"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  val agree {task.fields[agree]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
+    def __init__(self, callback: Progress | None):
+        self.callback = callback
+        self.total: int | None = None
+
+    def __enter__(self) -> _ProgressRelay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, _name: str, *, total: int, completed: int, loss: str, agree: str) -> int:
+        self.total = total
+        if completed:
+            self.update(0, completed=completed, loss=loss, agree=agree)
+        return 0
+
+    def update(self, _task: int, *, completed: int, loss: str, agree: str) -> None:
+        if self.callback is not None:
+            fields = {"loss": loss} if loss != "-" else {}
+            if agree != "nan":  # no validation yet
+                fields["val agree"] = agree
+            self.callback(completed, self.total, fields)
 
 
-def train_loop(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict[str, Any]:
-    """Train on one worker of ``world`` (1: alone). Rank 0 writes every output. Returns the metrics."""
+class _ProgressFile:
+    """Ray workers cannot call the driver's callback: rank 0 writes its progress to a small JSON
+    file in the router folder (atomically, at most twice a second, always the last step) and
+    the driver polls it (``_poll_progress``)."""
+
+    def __init__(self, path: Path, every: float = 0.5):
+        self.path, self.every, self.last = Path(path), every, 0.0
+
+    def __call__(self, done: int, total: int | None, fields: dict[str, Any] | None) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and (total is None or done < total):
+            return
+        self.last = now
+        _write_json(self.path, {"done": done, "total": total, "fields": fields or {}})
+
+
+def _poll_progress(path: Path, callback: Progress, stop) -> None:
+    seen = None
+    while True:
+        finished = stop.wait(0.5)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            state = None
+        if state is not None and state != seen:
+            seen = state
+            callback(state["done"], state["total"], state["fields"])
+        if finished:
+            return
+
+
+def train_loop(
+    cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on one worker of ``world`` (1: alone). Rank 0 writes every output and reports
+    ``progress(step, total, {"loss", "val agree"})`` when ``cfg.progress``. Returns the metrics."""
     device = device if device is not None else resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -411,7 +459,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.de
     start_step, t_loop = step, time.perf_counter()
     val = next((h for h in reversed(history) if "val_agreement" in h), {})
     perms: dict[int, np.ndarray] = {}
-    with _progress(cfg.progress and rank == 0) as bar:
+    with _ProgressRelay(progress if cfg.progress and rank == 0 else None) as bar:
         task = bar.add_task("train", total=total, completed=step, loss="-", agree=f"{val.get('val_agreement', float('nan')):.3f}")
         while step < total:
             epoch, pos = divmod(step, per_epoch)
@@ -490,14 +538,22 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
+    config = dict(config)
+    progress_file = config.pop(PROGRESS_FILE_KEY, None)
     cfg = TrainConfig.from_dict(config)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    train_loop(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device)
+    train_loop(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+               progress=_ProgressFile(progress_file) if progress_file else None)
 
 
-def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2) -> dict[str, Any]:
+def train_with_ray(
+    cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2, progress: Progress | None = None
+) -> dict[str, Any]:
     """Ray Train ``TorchTrainer`` with ``num_workers`` workers; starts (and stops) a local Ray
-    cluster unless one is already running in this process."""
+    cluster unless one is already running in this process. ``progress``: relayed from rank 0
+    through ``OUT/.train-progress.json`` (removed at the end)."""
+    import threading
+
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -505,10 +561,20 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
     started = not ray.is_initialized()
     temp = tempfile.mkdtemp(prefix="/tmp/rglf-ray-") if started else None
     storage = tempfile.mkdtemp(prefix="/tmp/rglf-train-")
+    verbose = os.environ.get("RGLF_VERBOSE") == "1"
+    loop_config = cfg.to_dict()
+    poller, stop = None, threading.Event()
+    if progress is not None and cfg.progress:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        progress_file = cfg.out / PROGRESS_FILE
+        progress_file.unlink(missing_ok=True)
+        loop_config[PROGRESS_FILE_KEY] = str(progress_file)
+        poller = threading.Thread(target=_poll_progress, args=(progress_file, progress, stop), daemon=True)
+        poller.start()
     try:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         if started and address:
-            ray.init(address=address, log_to_driver=True)  # join a cluster (the folders must be shared)
+            ray.init(address=address, log_to_driver=verbose)  # join a cluster (the folders must be shared)
         elif started:  # a new local instance, never another process's cluster on this machine
             ray.init(
                 address="local",
@@ -516,11 +582,12 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
                 object_store_memory=object_store_memory,
                 _temp_dir=temp,
                 include_dashboard=False,
-                log_to_driver=True,
+                log_to_driver=verbose,  # workers' own output only with --verbose (errors still raise here)
+                logging_level=logging.INFO if verbose else logging.WARNING,
             )
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config=cfg.to_dict(),
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
             ),
@@ -528,6 +595,10 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
         )
         trainer.fit()
     finally:
+        stop.set()
+        if poller is not None:
+            poller.join()
+            (cfg.out / PROGRESS_FILE).unlink(missing_ok=True)
         shutil.rmtree(storage, ignore_errors=True)
         if started:  # also after a failed start: stop whatever part of the cluster came up
             ray.shutdown()
@@ -535,8 +606,12 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
     return json.loads((cfg.out / METRICS).read_text())
 
 
-def train_router(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (one process, or Ray Train when ``num_workers > 1``); returns ``metrics.json``'s content."""
+def train_router(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Train (one process, or Ray Train when ``num_workers > 1``); returns ``metrics.json``'s content.
+
+    ``progress(step, total, {"loss", "val agree"})`` is called after every optimiser step (from
+    rank 0; with Ray, relayed to this process) when ``cfg.progress``.
+    """
     if cfg.num_workers > 1:
-        return train_with_ray(cfg)
-    return train_loop(cfg)
+        return train_with_ray(cfg, progress=progress)
+    return train_loop(cfg, progress=progress)

@@ -69,7 +69,9 @@ def test_report_writes_valid_pngs_and_markdown(folders: tuple[Path, Path], tmp_p
     assert "| source | policy | tokens/crop |" in md
     assert md.count("| oracle |") == 3 and "| all sources | oracle |" in md
     assert "samples ranked: 12 of 13" in md and "nan_nll 1" in md
-    assert "unreadable image" in md and "samples: not found" in md
+    assert "unreadable image" in md and "samples: missing (no samples/ folder)" in md
+    assert "feedback: 65 rows" in md and "errors: 1 row" in md
+    assert "rankings: 60 rows" in md and "excluded: 1 row" in md
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{n}.png" for n in PLOTS), "report.md"])
 
 
@@ -89,4 +91,19 @@ def test_report_without_ranked_samples_says_so(tmp_path: Path) -> None:
     run_rank(RankConfig(feedback=run, out=tmp_path / "rank"))
     result = run_report(ReportConfig(rank=tmp_path / "rank", out=tmp_path / "out"))
     assert list(result["files"]) == ["report"]
-    assert "No ranked samples" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "No ranked samples" in md and "rankings: empty (0 rows)" in md  # empty, not missing
+
+
+def test_run_tables_empty_is_not_missing(tmp_path: Path) -> None:
+    from rglf.pipeline.report import describe_table, table_state
+
+    run = write_feedback(tmp_path / "run", feedback_rows("a", {t: 0.1 for t in LADDER}))
+    (run / "errors").mkdir()  # a run that rejected nothing: the folder exists, no parts
+    (run / "samples").mkdir()
+    pq.write_table(pa.Table.from_pylist([], schema=ERRORS_SCHEMA), run / "samples" / "part-0.parquet")
+    assert table_state(run, "feedback") == ("rows", 5)
+    assert table_state(run, "errors") == ("empty", 0) and table_state(run, "samples") == ("empty", 0)
+    assert table_state(run, "router_inputs") == ("missing", None)
+    assert describe_table("errors", ("empty", 0)) == "errors: empty (0 rows)"
+    assert describe_table("router_inputs", ("missing", None)) == "router_inputs: missing (no router_inputs/ folder)"

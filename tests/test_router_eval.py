@@ -20,12 +20,19 @@ from rglf.router.budget import (
 )
 from rglf.router.data import load_router_data
 from rglf.router.evaluate import (
+    CONFUSION_PNG,
     EVAL_JSON,
     EVAL_PNG,
+    TRAINING_CURVE_PNG,
     EvalConfig,
+    apgr,
     baseline_policies,
+    confusion_matrix,
+    cpt,
     evaluate_router,
     kendall_tau,
+    oracle_curve,
+    pgr,
     policy_metrics,
 )
 from rglf.router.train import TrainConfig, train_router
@@ -94,6 +101,49 @@ def test_baselines_hand_computed(tiny_table):
     np.testing.assert_array_equal(choice, again)
     np.testing.assert_array_equal(choice, np.random.default_rng(0).random((4, 3)).argmax(1))
     assert pol["random"]["agreement"] == pytest.approx(float((choice == tiny_table.best).mean()))
+
+
+# ---- quality vs cost (RouteLLM's APGR / CPT), confusion -------------------------------------
+
+WEAK, STRONG = (100.0, 0.5), (1000.0, 1.0)  # (mean visual tokens, accuracy) of always-coarsest / -finest
+
+
+def test_pgr_hand_computed():
+    np.testing.assert_allclose(pgr([0.5, 0.75, 1.0, 1.1], 0.5, 1.0), [0.0, 0.5, 1.0, 1.2])
+    assert pgr(0.7, 0.8, 0.8) is None and pgr(0.7, 0.9, 0.8) is None  # no gap to recover
+
+
+def test_apgr_hand_computed():
+    # normalised costs 0, 1/3, 2/3, 1 with PGR 0, 0.8, 0.9, 1 -> trapezoids (0.8 + 1.7 + 1.9) / 6
+    assert apgr([400, 700], [0.9, 0.95], WEAK, STRONG) == pytest.approx(2.2 / 3)
+    assert apgr([], [], WEAK, STRONG) == pytest.approx(0.5)  # the straight line between weak and strong
+    assert apgr([700, 400], [0.95, 0.9], WEAK, STRONG) == pytest.approx(2.2 / 3)  # order does not matter
+    assert apgr([400], [0.9], (100.0, 0.5), (1000.0, 0.5)) is None
+
+
+def test_cpt_hand_computed():
+    costs, quality = [400, 700], [0.9, 0.95]
+    assert cpt(costs, quality, WEAK, STRONG, 0.5) == pytest.approx(100 + 0.5 / 0.8 * 300)  # 287.5
+    assert cpt(costs, quality, WEAK, STRONG, 0.8) == pytest.approx(400)
+    assert cpt(costs, quality, WEAK, STRONG, 0.95) == pytest.approx(700 + 0.05 / 0.1 * 300)  # 850
+    assert cpt(costs, quality, WEAK, STRONG, 1.2) is None  # never recovers 120% of the gap
+    assert cpt([400], [1.05], WEAK, STRONG, 1.1) == pytest.approx(400)  # above strong already at 400
+    assert cpt([], [], WEAK, STRONG, 0.0) == pytest.approx(100)  # the weak end point recovers 0%
+
+
+def test_oracle_curve_hand_computed():
+    # levels 36 / 144 / 576 (costs 1/16, 1/4, 1); s0 right everywhere, s1 only at 576, s2 from 144 up
+    greedy = np.array([[1, 1, 1], [0, 0, 1], [0, 1, 1]], dtype=bool)
+    visual = np.array([[36, 144, 576]] * 3)
+    points = oracle_curve(greedy, visual, [36, 144, 576])
+    # lam = 0: the cheapest correct level (36, 576, 144); 16/15 < lam < 16/3: s1 drops to 36; then all 36
+    np.testing.assert_allclose(points, [(36.0, 1 / 3), (72.0, 2 / 3), (252.0, 1.0)])
+
+
+def test_confusion_matrix_hand_computed():
+    m = confusion_matrix(np.array([0, 2, 1, 0]), np.array([0, 2, 2, 1]), 3)
+    assert m.tolist() == [[1, 1, 0], [0, 0, 1], [0, 0, 1]]  # rows: oracle level, columns: chosen level
+    assert m.sum() == 4 and np.trace(m) == 2
 
 
 # ---- budget ----------------------------------------------------------------------------------
@@ -182,6 +232,24 @@ def test_evaluate_writes_json_png_and_budget(trained, tmp_path):
     assert report["budget"]["budget"] == 0.4 and report["budget"]["val_token_fraction"] <= 0.4
     assert lam_for_budget(d / "router", 0.4).lam == report["budget"]["lam"]
     assert lam_for_budget(d / "router", 0.2).lam == curve[0]["lam"]
+    # confusion: rows = oracle level, columns = the router's, counts add up to the split
+    conf = np.asarray(report["confusion"]["matrix"])
+    assert conf.shape == (5, 5) and conf.sum() == report["n_samples"]
+    assert np.trace(conf) / conf.sum() == pytest.approx(report["policies"]["router"]["agreement"])
+    assert conf.sum(axis=0).tolist() == [round(report["n_samples"] * v) for v in
+                                         report["policies"]["router"]["choice_share"].values()]
+    # RouteLLM summaries for both routers and the oracle; the oracle's curve ends at its best accuracy
+    r = report["routellm"]
+    assert set(r["curves"]) == {"router", "image_only", "oracle"} and r["weak"] == "fixed_4" and r["strong"] == "fixed_64"
+    assert max(p["accuracy"] for p in report["oracle_curve"]) == pytest.approx(report["policies"]["oracle"]["accuracy"])
+    for name, m in r["curves"].items():
+        if r["quality_gap"] > 0:
+            assert m["apgr"] is not None, name
+            if m["cpt50"] is not None:
+                assert 0 < m["cpt50"] <= 1.0 and (m["cpt80"] is None or m["cpt80"] >= m["cpt50"])
+    for png in (EVAL_PNG, CONFUSION_PNG, TRAINING_CURVE_PNG):  # training curve: from ROUTER/metrics.json
+        assert (tmp_path / png).stat().st_size > 10_000, png
+        assert report["plots"][png.removesuffix(".png")] == png
 
 
 def test_eval_cli(trained, tmp_path):
@@ -191,8 +259,14 @@ def test_eval_cli(trained, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--run", str(d / "run"), "--rank", str(d / "rank"), "--router",
                                       str(d / "router"), "--out", str(tmp_path), "--budgets", "0.5,1.0", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "oracle" in result.output and "fixed_64" in result.output and "eval: router agreement" in result.output
+    assert "oracle" in result.stdout and "fixed_64" in result.stdout and "router agreement" in result.stdout
+    assert "by source" in result.stdout and "APGR" in result.stdout
     assert json.loads((tmp_path / EVAL_JSON).read_text())["split"] == "test"
+    # --quiet: the summary line only
+    quiet = CliRunner().invoke(app, ["eval", "--run", str(d / "run"), "--rank", str(d / "rank"), "--router",
+                                     str(d / "router"), "--out", str(tmp_path / "q"), "--budgets", "0.5", "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout.startswith("eval: ") and quiet.stdout.count("\n") == 1 and quiet.stderr == ""
 
 
 def test_a_subset_router_is_evaluated_on_its_subset(trained, tmp_path):
