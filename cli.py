@@ -392,6 +392,14 @@ def config_record(ctx: typer.Context) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_as_command(command: str, argv: list[str], folder: Path) -> Path:
+    """Write the ``--config`` record of ``rglf <command> <argv>`` without running it (the demo
+    runs the stages from Python; its records repeat them as commands)."""
+    cmd = typer.main.get_command(app).commands[command]
+    with cmd.make_context(f"rglf {command}", [str(a) for a in argv]) as ctx:
+        return write_config_record(ctx, folder)
+
+
 def write_config_record(ctx: typer.Context, folder: Path) -> Path:
     """Write ``config_record`` as ``folder/<command>.toml`` (temp name, then renamed)."""
     path = Path(folder) / CONFIG_RECORDS[ctx.command.name]
@@ -1000,6 +1008,9 @@ def demo_cmd(
                 image_only=text_off, merger_attends=merger_attends, progress=not quiet,
             ), progress=bar)
         plot_training_curve(m, folder / TRAINING_CURVE_PNG)
+        record_as_command("train", ["--run", run, "--rank", rank, "--out", folder, "--epochs", epochs, "--batch-size",
+                                    batch_size, "--lr", lr, "--merger-attends", merger_attends,
+                                    "--image-only" if text_off else "--no-image-only"], folder)
         agreement = (m.get("final") or {}).get("val_agreement")
         shown = f"{100 * agreement:.1f}%" if agreement is not None else "n/a"
         stage("train", f"{name}: {m.get('steps', '?')} steps, val agreement {shown} -> {folder}")
@@ -1007,6 +1018,8 @@ def demo_cmd(
         result = evaluate_router(EvalConfig(
             run=run, rank=rank, router=router_dir, image_only_router=image_only_dir if image_only else None, out=eval_dir,
         ), progress=bar)
+    record_as_command("eval", ["--run", run, "--rank", rank, "--router", router_dir, "--out", eval_dir,
+                               *(["--image-only-router", image_only_dir] if image_only else [])], eval_dir)
     ui.table(eval_table(result))
     ui.table(routellm_table(result))
     with ui.progress("report", unit="files") as bar:

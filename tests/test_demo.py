@@ -49,13 +49,28 @@ def test_shrunken_demo_writes_every_table_and_plot(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert ds.dataset(out / "run" / "feedback", format="parquet").count_rows() == 30 * 5
 
-    # README's SQL and route examples, as written, against this demo's folders
-    examples = [argv for argv in readme_rglf_commands() if argv[0] in ("sql", "route")]
-    assert sum(argv[0] == "sql" for argv in examples) >= 3 and sum(argv[0] == "route" for argv in examples) >= 1
+    # the demo's own outputs: training curve, evaluation plots, the test file routed in batches
+    assert (out / "router" / "training_curve.png").is_file() and (out / "router" / "train.toml").is_file()
+    assert (out / "eval" / "eval.toml").is_file()
+    for png in ("eval.png", "confusion.png", "training_curve.png"):
+        assert (out / "eval" / png).is_file(), png
+    routed = ds.dataset(out / "routed-test.parquet", format="parquet").to_table()
+    assert routed.num_rows == report["n_samples"] and routed["error_code"].null_count == routed.num_rows
+    assert "route" in result.output and "records routed" in result.output
+
+    # README's SQL, route and --config examples, as written, against this demo's folders
+    examples = [argv for argv in readme_rglf_commands() if argv[0] in ("sql", "route")
+                or (argv[0] == "train" and "--config" in argv)]
+    assert sum(argv[0] == "sql" for argv in examples) >= 3 and sum(argv[0] == "route" for argv in examples) >= 2
     for argv in examples:
         argv = [a.replace("runs/demo", str(out)) for a in argv]
         ran = CliRunner().invoke(app, argv)
         assert ran.exit_code == 0, f"README `rglf {' '.join(argv)}` failed: {ran.output}"
         assert ran.output.strip(), argv
-        if argv[0] == "route":
+        if argv[0] == "route" and "--image" in argv:
             assert "level:" in ran.output and "answer:" in ran.output, ran.output
+        if argv[0] == "route" and "--data" in argv:
+            assert "records routed" in ran.stdout and "fewer" in ran.stdout, ran.output
+        if argv[0] == "train":
+            cfg = json.loads((out / "router-8-epochs" / "train_config.json").read_text())
+            assert cfg["epochs"] == 8 and cfg["batch_size"] == 8 and cfg["run"] == str(out / "run")
