@@ -131,7 +131,6 @@ class Router:
     router: GranularityRouter
     lmm: FrozenLMM
     router_dir: Path | None = None
-    calibrations: dict[float, float] = field(default_factory=dict)  # budget -> lam, read on demand
 
     @classmethod
     def load(cls, router_dir: str | Path, model: str | Path | None = None, *, device: str = "auto") -> Router:
@@ -176,11 +175,9 @@ class Router:
             raise RouteError("give a budget (calibrated lam from budget.json) or a lam, not both")
         if budget is None:
             return lam
-        if budget not in self.calibrations:
-            if self.router_dir is None:
-                raise RouteError("a budget needs the router folder's budget.json; pass lam instead")
-            self.calibrations[budget] = lam_for_budget(self.router_dir, budget).lam
-        return self.calibrations[budget]
+        if self.router_dir is None:
+            raise RouteError("a budget needs the router folder's budget.json; pass lam instead")
+        return lam_for_budget(self.router_dir, budget).lam  # read each time: `rglf eval --save-budget` may rewrite it
 
     def route(
         self,
