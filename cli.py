@@ -57,25 +57,78 @@ _EXPECTED_BUILTINS: tuple[tuple[type[BaseException], int], ...] = (
     (IsADirectoryError, 2),
     (PermissionError, 2),
 )
-_state = {"verbose": False, "command": "rglf"}
+_state: dict[str, Any] = {"verbose": False, "command": "rglf", "on_interrupt": None}
+# What to do next after an OSError, by errno.
+_OS_HINTS = {
+    errno.ENOSPC: "Free some space or choose another output folder",
+    errno.EDQUOT: "Free some space (quota) or choose another output folder",
+    errno.EROFS: "Choose a folder on a writable filesystem",
+    errno.EACCES: "Check its permissions or choose another folder",
+    errno.EPERM: "Check its permissions or choose another folder",
+    errno.ENOENT: "Check the path",
+    errno.ENOTDIR: "A file is in the way of a folder: check the path",
+    errno.EISDIR: "A folder is in the way of a file: check the path",
+}
 
 
 def _error_line(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # always ONE line
 
 
-def expected_exit_code(err: BaseException) -> int | None:
-    """The exit code of an expected failure, None for a bug."""
+def _is_ray_wrapper(err: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] == "ray" for cls in type(err).__mro__)
+
+
+def _causes(err: BaseException, depth: int = 0):
+    """``err`` and, for Ray's wrapper exceptions only (a task's or a Train worker's failure), what they wrap."""
+    yield err
+    if depth > 8 or not _is_ray_wrapper(err):
+        return
+    inner = [getattr(err, "cause", None), err.__cause__]
+    failures = getattr(err, "worker_failures", None)  # ray.train WorkerGroupError
+    if isinstance(failures, dict):
+        inner.extend(failures.values())
+    for e in inner:
+        if isinstance(e, BaseException) and e is not err:
+            yield from _causes(e, depth + 1)
+
+
+def _own_code(err: BaseException) -> int | None:
     code = getattr(err, "exit_code", None)
     if isinstance(code, int) and not isinstance(code, bool) and not isinstance(err, Exit):
         return code
     for cls, code in _EXPECTED_BUILTINS:
         if isinstance(err, cls):
             return code
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:
         return 2
     return None
 
+
+def expected_failure(err: BaseException) -> tuple[int, BaseException] | None:
+    """(exit code, the exception to report) of an expected failure (possibly wrapped by Ray), None for a bug."""
+    causes = list(_causes(err))
+    # a Ray wrapper (RayTaskError(X) also IS an X) reports the wrapped error, not Ray's long text
+    for e in [c for c in causes if not _is_ray_wrapper(c)] + [c for c in causes if _is_ray_wrapper(c)]:
+        code = _own_code(e)
+        if code is not None:
+            return code, e
+    return None
+
+
+def expected_exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected failure, None for a bug."""
+    found = expected_failure(err)
+    return found[0] if found else None
+
+
+def error_message(err: BaseException) -> str:
+    """The one-line text of an expected failure: OSErrors as ``path: reason. next step``."""
+    if isinstance(err, OSError) and err.strerror and getattr(err, "exit_code", None) is None:
+        where = f"{err.filename}: " if err.filename else ""
+        hint = _OS_HINTS.get(err.errno, "")
+        return f"{where}{err.strerror.lower()}{'. ' + hint if hint else ''}"
+    return str(err) or type(err).__name__
 
 class RglfGroup(TyperGroup):
     """The top-level group: every expected failure becomes one line on stderr and an exit code."""
@@ -97,16 +150,22 @@ class RglfGroup(TyperGroup):
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
         except KeyboardInterrupt:
-            _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
-                        "command to resume.")
+            hint = _state.get("on_interrupt")
+            try:
+                text = hint() if callable(hint) else None
+            except Exception:  # noqa: BLE001 -- the message must not turn an interrupt into a crash
+                text = None
+            _error_line(text or f"{_state['command']}: interrupted. Everything already committed is kept; rerun "
+                        "the same command to resume.")
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
-            code = expected_exit_code(e)
-            if code is None:
+            found = expected_failure(e)
+            if found is None:
                 raise
+            code, reported = found
             if _state["verbose"]:
                 traceback.print_exc()
-            _error_line(str(e) or type(e).__name__)
+            _error_line(error_message(reported))
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -155,7 +214,7 @@ class Output:
         if quiet and verbose:
             raise typer.BadParameter("--quiet and --verbose exclude each other")
         self.quiet, self.verbose = quiet, verbose
-        _state.update(verbose=verbose, command=f"rglf {command}")
+        _state.update(verbose=verbose, command=f"rglf {command}", on_interrupt=None)
         os.environ["RGLF_VERBOSE"] = "1" if verbose else "0"  # read by Ray workers started after this
         if not verbose:
             # Library chatter off before anything heavy is imported (inherited by Ray workers).
@@ -168,6 +227,10 @@ class Output:
 
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+
+    def on_interrupt(self, message: Callable[[], str]) -> None:
+        """What Ctrl-C prints (called then): what is kept and what a rerun does, in one line."""
+        _state["on_interrupt"] = message
 
     def log(self, message: str) -> None:
         """An informational line (stdout; hidden by --quiet)."""
@@ -485,6 +548,8 @@ def rank_cmd(
 ) -> None:
     """Rank each sample's levels by NLL in DuckDB SQL: write rankings, pairs and preferences."""
     ui = Output("rank", quiet, verbose)
+    ui.on_interrupt(lambda: f"rank interrupted: {out} is unchanged (tables are published only when complete); "
+                            "rerun the same command.")
     from rglf.pipeline.rank import RankConfig, run_rank
 
     try:
@@ -507,8 +572,6 @@ def rank_cmd(
         f"pairs {rows['pairs']:,}, preferences {rows['preferences']:,} rows -> {out} "
         f"({report['timings_s']['total']:.1f} s)"
     )
-    if len(report["inputs"]["model_ids"]) > 1:
-        typer.echo(f"warning: the feedback mixes model_ids {report['inputs']['model_ids']}", err=True)
 
 
 @app.command(
@@ -532,7 +595,8 @@ def sql_cmd(
     verbose: Verbose = False,
 ) -> None:
     """Run SQL over a run's tables (views: samples, feedback, errors, rankings, pairs, preferences, excluded)."""
-    Output("sql", quiet, verbose)
+    ui = Output("sql", quiet, verbose)
+    ui.on_interrupt(lambda: "sql interrupted: the query was stopped; nothing was written.")
     from rglf.pipeline.query import SqlConfig, run_sql
 
     try:
@@ -593,7 +657,14 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed (init, shuffling, dropout).")] = 0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: every epoch).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every epoch).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoints/latest if present.")] = True,
+    resume: Annotated[
+        bool, typer.Option(help="Resume from OUT/checkpoints/latest if OUT was trained with the same settings "
+                                "(--no-resume: start fresh, as --force).")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Start fresh even if OUT was trained with other settings: its router outputs are "
+                                "MOVED to OUT/.replaced-<time>/ (not deleted).")
+    ] = False,
     workers: Annotated[int, typer.Option(help="1: this process; >1: Ray Train TorchTrainer workers.")] = 1,
     use_gpu: Annotated[bool, typer.Option(help="Ray workers use one GPU each.")] = False,
     address: Annotated[
@@ -615,12 +686,23 @@ def train_cmd(
             grad_clip=grad_clip, loss=loss, margin_scale=margin_scale, w_rank=w_rank, w_ce=w_ce, levels=ladder,
             image_only=image_only, top_k=top_k, merger_attends=merger_attends, voter_init=voter_init,
             dropout=dropout, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
-            num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
+            force=force, num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
             progress=not quiet,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    m = train_router(cfg)
+
+    def interrupted() -> str:
+        from rglf.router.train import latest_checkpoint
+
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            return f"train interrupted: no checkpoint in {out} yet; a rerun starts from step 0."
+        return (f"train interrupted: the checkpoint {ckpt} is kept; rerun the same command to resume from it "
+                "(--force starts fresh).")
+
+    ui.on_interrupt(interrupted)
+    m = train_router(cfg, log=ui.log)
     final = m["final"]
     agree = "-" if final["val_agreement"] is None else f"{100 * final['val_agreement']:.1f}%"
     ui.summary(
@@ -652,6 +734,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate a router on a held-out split vs the oracle, fixed levels and random; budget curve; eval.json + PNG."""
     ui = Output("eval", quiet, verbose)
+    ui.on_interrupt(lambda: "eval interrupted: nothing was written (eval.json comes at the end); rerun the same "
+                            "command.")
     from rich.console import Console
 
     from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router

@@ -185,6 +185,10 @@ def _router_scores(path: Path, data: RouterData, side: RouterSide, rows: np.ndar
 
 def evaluate_router(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate; write ``eval.json`` (and ``eval.png``) into ``cfg.out``; return the report."""
+    from rglf.router.preflight import preflight_eval
+
+    routers = [("--router", cfg.router)] + ([("--image-only-router", cfg.image_only_router)] if cfg.image_only_router else [])
+    preflight_eval(cfg.run, cfg.rank, routers, cfg.split, cfg.device, cfg.out)  # one-line errors before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)

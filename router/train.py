@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,11 @@ class TrainConfig:
     keep_checkpoints: int = 1
     """How many step checkpoints to keep (the newest)."""
     resume: bool = True
-    """Resume from ``out/checkpoints/latest`` when it exists (False: start over, discarding it)."""
+    """Resume from ``out/checkpoints/latest`` when it exists, if ``out`` was trained with the same
+    settings (else refused, see ``router/preflight.py``). False: start fresh, as ``force``."""
+    force: bool = False
+    """Start fresh even when ``out`` was trained with other settings: its previous router outputs
+    (weights, configs, metrics, checkpoints, eval files) are moved to ``out/.replaced-<UTC time>/``."""
     num_workers: int = 1
     """1: train in this process. >1: Ray Train TorchTrainer with that many workers."""
     use_gpu: bool = False
@@ -401,7 +406,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.de
         history = json.loads((ckpt / "state.json").read_text())["history"]
     elif rank == 0 and (cfg.out / CHECKPOINTS).exists():
         shutil.rmtree(cfg.out / CHECKPOINTS)  # resume=False: an old run's checkpoints must not be picked up later
-    if rank == 0:
+    if rank == 0 and not (cfg.out / TRAIN_CONFIG).exists():  # never rewrite the config of existing weights
         cfg.out.mkdir(parents=True, exist_ok=True)
         _write_json(cfg.out / TRAIN_CONFIG, cfg.to_dict())
 
@@ -495,12 +500,41 @@ def _ray_worker(config: dict[str, Any]) -> None:
     train_loop(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device)
 
 
+def _fit_interruptibly(trainer) -> None:
+    """``trainer.fit()`` in a helper thread, so Ctrl-C reaches this (main) thread at once.
+
+    On the main thread Ray Train installs its own SIGINT handler, which only asks the controller
+    to abort gracefully (and ignored Ctrl-C for minutes while resources were pending). Here a
+    KeyboardInterrupt propagates instead; the caller's ``ray.shutdown()`` stops the workers.
+    """
+    import threading
+
+    outcome: dict[str, BaseException] = {}
+    done = threading.Event()  # not Thread.join: a KeyboardInterrupt inside join can corrupt the thread state
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the main thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="rglf-train-fit", daemon=True).start()
+    while not done.wait(0.2):
+        pass
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2) -> dict[str, Any]:
     """Ray Train ``TorchTrainer`` with ``num_workers`` workers; starts (and stops) a local Ray
     cluster unless one is already running in this process."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rglf.router.preflight import check_cluster_resources
 
     started = not ray.is_initialized()
     temp = tempfile.mkdtemp(prefix="/tmp/rglf-ray-") if started else None
@@ -526,7 +560,8 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
             ),
             run_config=RunConfig(name="rglf-router", storage_path=storage),
         )
-        trainer.fit()
+        check_cluster_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)  # Ray would wait forever
+        _fit_interruptibly(trainer)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
         if started:  # also after a failed start: stop whatever part of the cluster came up
@@ -535,8 +570,11 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
     return json.loads((cfg.out / METRICS).read_text())
 
 
-def train_router(cfg: TrainConfig) -> dict[str, Any]:
+def train_router(cfg: TrainConfig, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Train (one process, or Ray Train when ``num_workers > 1``); returns ``metrics.json``'s content."""
+    from rglf.router.preflight import preflight_train
+
+    preflight_train(cfg, log)  # inputs, provenance, OUT's settings (--force), resources: one-line errors
     if cfg.num_workers > 1:
         return train_with_ray(cfg)
     return train_loop(cfg)
