@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -160,3 +161,64 @@ def test_wide_tables_hide_middle_columns_on_a_narrow_terminal() -> None:
     assert _visible_columns([10] * 10, 73) == [0, 1, 8, 9]
     with pytest.raises(ValueError):
         SqlConfig(query="  ")
+
+
+# ---- read-only (issue 13, case 2) -------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("copy (select 1 as x) to '{part}'", "COPY"),
+        ("copy (select 1 as x) to '{part}' (use_tmp_file false)", "COPY"),
+        ("copy feedback to '{tmp}/stolen.csv'", "COPY"),
+        ("select * from read_text('/etc/passwd')", "read-only"),
+        ("select * from read_csv('/etc/passwd', sep = ':')", "read-only"),
+        ("select * from read_parquet('{part}')", "read-only"),
+        ("select * from glob('/etc/*')", "read-only"),
+        ("attach '{tmp}/other.db' as other", "ATTACH"),
+        ("attach ':memory:' as m", "ATTACH"),
+        ("install httpfs", "INSTALL/LOAD"),
+        ("load httpfs", "INSTALL/LOAD"),
+        ("set enable_external_access = true", "locked"),
+        ("set threads = 1", "locked"),
+        ("reset lock_configuration", "locked"),
+        ("export database '{tmp}/dump'", "EXPORT"),
+        ("select 1; copy (select 2) to '{tmp}/x.csv'; select 3", "COPY"),
+    ],
+)
+def test_sql_cannot_write_or_read_other_files(folders: tuple[Path, Path], tmp_path: Path, query: str, words: str) -> None:
+    run, rank = folders
+    part = sorted((run / "feedback").glob("*.parquet"))[0]
+    before = part.read_bytes()
+    result = sql(query.format(part=part, tmp=tmp_path), "--run", str(run), "--rank", str(rank))
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert "read-only" in line and words in line, line
+    assert part.read_bytes() == before  # the committed part is untouched
+    assert list(tmp_path.iterdir()) == []  # and nothing was written anywhere else
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_timestamp_with_time_zone_needs_no_pytz(fmt: str) -> None:
+    result = sql("select now() as t, [now()] as l, 1 as n", "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "pytz" not in result.output and re.search(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d", result.stdout), result.output
+
+
+def test_output_is_the_only_write_and_only_to_the_named_file(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = folders
+    target = tmp_path / "out" / "result.parquet"
+    result = sql("select sample_id, now() as at from feedback", "--run", str(run), "-f", "parquet", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(target).num_rows == 8
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["out", "out/result.parquet"]
+    result = sql("select 1", "-f", "csv", "-o", str(tmp_path))  # a folder, not a file
+    assert result.exit_code == 2 and "is a folder" in _one_error_line(result)
