@@ -130,8 +130,31 @@ def error_message(err: BaseException) -> str:
         return f"{where}{err.strerror.lower()}{'. ' + hint if hint else ''}"
     return str(err) or type(err).__name__
 
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
+
+    exit_code = 130
+
+
+def _interrupted_message() -> str:
+    """The one line Ctrl-C prints: what is kept and what a rerun does (the command's ``on_interrupt``)."""
+    hint = _state.get("on_interrupt")
+    try:
+        text = hint() if callable(hint) else None
+    except Exception:  # noqa: BLE001 -- the message must not turn an interrupt into a crash
+        text = None
+    return text or (f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
+                    "command to resume.")
+
+
 class RglfGroup(TyperGroup):
     """The top-level group: every expected failure becomes one line on stderr and an exit code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_message()) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:
@@ -149,14 +172,8 @@ class RglfGroup(TyperGroup):
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
-        except KeyboardInterrupt:
-            hint = _state.get("on_interrupt")
-            try:
-                text = hint() if callable(hint) else None
-            except Exception:  # noqa: BLE001 -- the message must not turn an interrupt into a crash
-                text = None
-            _error_line(text or f"{_state['command']}: interrupted. Everything already committed is kept; rerun "
-                        "the same command to resume.")
+        except KeyboardInterrupt:  # outside a command (typer turns one inside into a silent Exit(130): see invoke)
+            _error_line(_interrupted_message())
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
             found = expected_failure(e)

@@ -36,6 +36,7 @@ The output folder must be on a filesystem every worker sees (one machine: any fo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -541,8 +542,11 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
     storage = tempfile.mkdtemp(prefix="/tmp/rglf-train-")
     try:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        # --quiet: the workers' own logs (and Ray's INFO lines) stay out of the terminal; errors still surface
+        chatty = cfg.progress or os.environ.get("RGLF_VERBOSE") == "1"
+        logs = {"log_to_driver": chatty, "logging_level": logging.INFO if chatty else logging.ERROR}
         if started and address:
-            ray.init(address=address, log_to_driver=True)  # join a cluster (the folders must be shared)
+            ray.init(address=address, **logs)  # join a cluster (the folders must be shared)
         elif started:  # a new local instance, never another process's cluster on this machine
             ray.init(
                 address="local",
@@ -550,11 +554,12 @@ def train_with_ray(cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2
                 object_store_memory=object_store_memory,
                 _temp_dir=temp,
                 include_dashboard=False,
-                log_to_driver=True,
+                **logs,
             )
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config=cfg.to_dict(),
+            # absolute paths: Ray workers do not run in this process's working directory
+            train_loop_config={**cfg.to_dict(), **{k: str(getattr(cfg, k).resolve()) for k in ("run", "rank", "out")}},
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
             ),
