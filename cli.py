@@ -56,6 +56,7 @@ _EXPECTED_BUILTINS: tuple[tuple[type[BaseException], int], ...] = (
     (NotADirectoryError, 2),
     (IsADirectoryError, 2),
     (PermissionError, 2),
+    (FileExistsError, 2),
 )
 _state: dict[str, Any] = {"verbose": False, "command": "rglf", "on_interrupt": None}
 # What to do next after an OSError, by errno.
@@ -68,7 +69,58 @@ _OS_HINTS = {
     errno.ENOENT: "Check the path",
     errno.ENOTDIR: "A file is in the way of a folder: check the path",
     errno.EISDIR: "A folder is in the way of a file: check the path",
+    errno.EEXIST: "Something is in the way of the folder to create: check the path",
 }
+
+
+class StageMissing(Exception):
+    """A required earlier stage's output is missing (e.g. report before rank)."""
+
+    exit_code = 4
+
+
+class BadPath(Exception):
+    """A path given on the command line that is missing or of the wrong kind."""
+
+    exit_code = 2
+
+
+def _need_folder(path: Path, option: str) -> None:
+    """An existing input folder (exit 2 otherwise)."""
+    if not path.exists():
+        raise BadPath(f"{option} {path}: does not exist. Check the path")
+    if not path.is_dir():
+        raise BadPath(f"{option} {path}: is a file, not a folder. Pass the folder")
+
+
+def _need_file(path: Path, option: str) -> None:
+    """An existing input file (exit 2 otherwise)."""
+    if not path.exists():
+        raise BadPath(f"{option} {path}: does not exist. Check the path")
+    if path.is_dir():
+        raise BadPath(f"{option} {path}: is a folder, not a file. Pass the file")
+
+
+def _need_checkpoint(model: Path) -> None:
+    """An HF-format checkpoint folder (exit 2 otherwise)."""
+    _need_folder(model, "--model")
+    if not (model / "config.json").is_file():
+        raise BadPath(f"--model {model}: has no config.json (not an HF checkpoint folder). Convert an original "
+                      "LLaVA layout with `rglf convert SRC DST`")
+
+
+def _output_folder(path: Path, option: str) -> None:
+    """An output folder: not a file (exit 2); creating it is left to the stage."""
+    if path.exists() and not path.is_dir():
+        raise BadPath(f"{option} {path}: is a file, not a folder. Choose another {option}")
+
+
+def _quiet_transformers() -> None:
+    """transformers' own 'Loading weights' bar off unless --verbose."""
+    if not _state["verbose"]:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _error_line(message: str) -> None:
@@ -355,7 +407,12 @@ def toy_data(
     ui = Output("toy data", quiet, verbose)
     from rglf.model.toy.task import ToyDatasetConfig, write_dataset
 
-    summary = write_dataset(out, ToyDatasetConfig(n_samples=n_samples, seed=seed))
+    _output_folder(out, "--out")
+    try:
+        cfg = ToyDatasetConfig(n_samples=n_samples, seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    summary = write_dataset(out, cfg)
     ui.summary(f"toy data: {summary['counts']} -> {out}")
 
 
@@ -378,10 +435,14 @@ def toy_train(
     ui = Output("toy train", quiet, verbose)
     from rglf.model.toy.stage1 import Stage1Config, train_stage1
 
-    cfg = Stage1Config(
-        out=out, steps=steps, finest_steps=finest_steps, batch_size=batch_size, lr=lr, seed=seed,
-        threads=torch_threads, eval_every=eval_every, max_minutes=max_minutes,
-    )
+    _output_folder(out, "--out")
+    try:
+        cfg = Stage1Config(
+            out=out, steps=steps, finest_steps=finest_steps, batch_size=batch_size, lr=lr, seed=seed,
+            threads=torch_threads, eval_every=eval_every, max_minutes=max_minutes,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     report = train_stage1(cfg, log=ui.log)
     ui.summary(f"stage1: {report['steps_done']} steps in {report['train_minutes']} min -> {out}")
 
@@ -402,9 +463,13 @@ def toy_report(
     ui = Output("toy report", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    _need_checkpoint(model)
+    if output is not None and output.is_dir():
+        raise BadPath(f"--output {output}: is a folder. Name a file")
     from rglf.model.lmm import FrozenLMM
     from rglf.model.toy.stage1 import evaluate, format_table, heldout_items
 
+    _quiet_transformers()
     lmm = FrozenLMM.from_pretrained(model)
     table = evaluate(lmm, heldout_items(lmm, per_family, seed))
     text = json.dumps(table, indent=2) if fmt == "json" else format_table(table)
@@ -434,6 +499,10 @@ def ingest_cmd(
     ui = Output("ingest", quiet, verbose)
     from rglf.pipeline.ingest import IngestConfig, run_ingest
 
+    for path in inputs:
+        _need_file(path, "input")
+    _need_folder(image_root, "--image-root")
+    _output_folder(run, "--run")
     try:
         cfg = IngestConfig(
             inputs=inputs, image_root=image_root, out=run, source=source, split=split,
@@ -486,6 +555,12 @@ def score_cmd(
     ui = Output("score", quiet, verbose)
     from rglf.pipeline.score import ScoreConfig, run_score
 
+    if run.exists() and not run.is_dir():
+        raise BadPath(f"--run {run}: is a file, not a folder. Pass the run folder of `rglf ingest`")
+    if not (run / "samples").is_dir():
+        raise StageMissing(f"--run {run}: has no samples/ (not ingested yet). Ingest first: rglf ingest DATA.json "
+                           f"--image-root IMAGES --run {run}")
+    _need_checkpoint(model)
     if device == "auto":
         device = "cuda" if gpus_per_worker > 0 else "cpu"
     try:
@@ -531,6 +606,12 @@ def convert_cmd(
     """Convert an original LLaVA / AVG-LLaVA checkpoint into the HF LLaVA-NeXT layout FrozenLMM loads."""
     ui = Output("convert", quiet, verbose)
     from rglf.model.convert import convert_checkpoint
+
+    _need_folder(src, "SRC")
+    if not (src / "config.json").is_file():
+        raise BadPath(f"SRC {src}: has no config.json. Pass an original LLaVA / AVG-LLaVA checkpoint folder")
+    if dst.exists() and not force:
+        raise BadPath(f"DST {dst}: already exists. Pass --force to replace it, or choose another DST")
 
     report = convert_checkpoint(src, dst, vision_config=vision_config, image_token_id=image_token_id, overwrite=force)
     ui.summary(report.summary())
@@ -635,6 +716,12 @@ def report_cmd(
     ui = Output("report", quiet, verbose)
     from rglf.pipeline.report import ReportConfig, run_report
 
+    if rank.exists() and not rank.is_dir():
+        raise BadPath(f"--rank {rank}: is a file, not a folder. Pass the folder written by `rglf rank`")
+    if not (rank / "rank_report.json").is_file() or not (rank / "preferences").is_dir():
+        raise StageMissing(f"--rank {rank}: no rankings there (no rank_report.json / preferences/). Rank first: "
+                           f"rglf rank --run RUN --out {rank}")
+    _output_folder(out, "--out")
     try:
         cfg = ReportConfig(rank=rank, out=out, run=run)
     except ValueError as e:
@@ -803,20 +890,38 @@ def route_cmd(
     ui = Output("route", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    if budget is not None and lam is not None:
+        raise typer.BadParameter("give --budget (a calibrated lam from budget.json) or --lam, not both")
+    if router.exists() and not router.is_dir():
+        raise BadPath(f"--router {router}: is a file, not a folder. Pass the folder written by `rglf train`")
+    if not (router / "router_config.json").is_file():
+        raise StageMissing(f"--router {router}: no trained router there (no router_config.json). Train one first: "
+                           f"rglf train --run RUN --rank RANK --out {router}")
+    _need_file(image, "--image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadPath(f"--image {image}: not a readable image ({e}). Pass a PNG/JPEG/... file") from None
+    _need_checkpoint(model)
+    from rglf.router.preflight import check_device
     from rglf.router.route import format_route, route
 
+    check_device(device)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _quiet_transformers()
     try:
         result = route(
             router, model, image, question, answer=answer, budget=budget, lam=lam,
             max_new_tokens=max_new_tokens, device=device,
         )
     except (KeyError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise BadPath(str(e).strip("'\"")) from None
     ui.summary(json.dumps(result, indent=2) if fmt == "json" else format_route(result))
 
 
@@ -847,7 +952,15 @@ def demo_cmd(
     import json
     import time
 
-    Output("demo", quiet, verbose)
+    ui = Output("demo", quiet, verbose)
+    ui.on_interrupt(lambda: f"demo interrupted: every finished stage in {out} is kept; rerun the same command to "
+                            "continue (the scoring job resumes, trained routers are reused).")
+    _output_folder(out, "--out")
+    _need_checkpoint(model)
+    for name, value, low in (("--n-samples", n_samples, 10), ("--workers", workers, 1), ("--epochs", epochs, 1),
+                             ("--batch-size", batch_size, 1)):
+        if value < low:
+            raise typer.BadParameter(f"{name} must be >= {low}, got {value}")
 
     from rich.console import Console
     from rich.table import Table

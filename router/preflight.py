@@ -243,7 +243,8 @@ def check_writable(folder: Path, option: str) -> None:
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise UsageError(f"{option} {folder}: {probe_dir} is a file, not a folder. Choose another {option}")
+        where = "is a file" if probe_dir == folder else f"{probe_dir} is a file"
+        raise UsageError(f"{option} {folder}: {where}, not a folder. Choose another {option}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".rglf-write-probe-{os.getpid()}"
