@@ -252,3 +252,9 @@ def test_rank_without_feedback_leaves_no_output_folder(f) -> None:
     result = runner.invoke(app, ["rank", "--run", str(f["ingested"]), "--out", str(out)])
     assert result.exit_code == 4 and not out.exists()
     assert os.path.isdir(f["ingested"] / "samples")  # the run's own folders are untouched
+
+
+def test_readme_documents_every_exit_code() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in readme, code
