@@ -5,7 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -222,3 +227,30 @@ def test_output_is_the_only_write_and_only_to_the_named_file(folders: tuple[Path
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["out", "out/result.parquet"]
     result = sql("select 1", "-f", "csv", "-o", str(tmp_path))  # a folder, not a file
     assert result.exit_code == 2 and "is a folder" in _one_error_line(result)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the query running")
+def test_ctrl_c_stops_a_long_query_with_one_line() -> None:
+    """DuckDB does not return to Python while a query runs: the query runs in a helper thread and
+    Ctrl-C interrupts the connection."""
+    rglf = Path(sys.executable).parent / "rglf"
+    proc = subprocess.Popen([str(rglf), "sql", "select sum(range * 7 % 13) from range(100000000000)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+        while proc.poll() is None and _cpu_seconds(proc.pid) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)  # imports take ~1 s of CPU; beyond that the query is running
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == ["error: sql interrupted: the query was stopped; nothing was written."]
