@@ -56,29 +56,157 @@ _EXPECTED_BUILTINS: tuple[tuple[type[BaseException], int], ...] = (
     (NotADirectoryError, 2),
     (IsADirectoryError, 2),
     (PermissionError, 2),
+    (FileExistsError, 2),
 )
-_state = {"verbose": False, "command": "rglf"}
+_state: dict[str, Any] = {"verbose": False, "command": "rglf", "on_interrupt": None}
+# What to do next after an OSError, by errno.
+_OS_HINTS = {
+    errno.ENOSPC: "Free some space or choose another output folder",
+    errno.EDQUOT: "Free some space (quota) or choose another output folder",
+    errno.EROFS: "Choose a folder on a writable filesystem",
+    errno.EACCES: "Check its permissions or choose another folder",
+    errno.EPERM: "Check its permissions or choose another folder",
+    errno.ENOENT: "Check the path",
+    errno.ENOTDIR: "A file is in the way of a folder: check the path",
+    errno.EISDIR: "A folder is in the way of a file: check the path",
+    errno.EEXIST: "Something is in the way of the folder to create: check the path",
+}
+
+
+class StageMissing(Exception):
+    """A required earlier stage's output is missing (e.g. report before rank)."""
+
+    exit_code = 4
+
+
+class BadPath(Exception):
+    """A path given on the command line that is missing or of the wrong kind."""
+
+    exit_code = 2
+
+
+def _need_folder(path: Path, option: str) -> None:
+    """An existing input folder (exit 2 otherwise)."""
+    if not path.exists():
+        raise BadPath(f"{option} {path}: does not exist. Check the path")
+    if not path.is_dir():
+        raise BadPath(f"{option} {path}: is a file, not a folder. Pass the folder")
+
+
+def _need_file(path: Path, option: str) -> None:
+    """An existing input file (exit 2 otherwise)."""
+    if not path.exists():
+        raise BadPath(f"{option} {path}: does not exist. Check the path")
+    if path.is_dir():
+        raise BadPath(f"{option} {path}: is a folder, not a file. Pass the file")
+
+
+def _need_checkpoint(model: Path) -> None:
+    """An HF-format checkpoint folder (exit 2 otherwise)."""
+    _need_folder(model, "--model")
+    if not (model / "config.json").is_file():
+        raise BadPath(f"--model {model}: has no config.json (not an HF checkpoint folder). Convert an original "
+                      "LLaVA layout with `rglf convert SRC DST`")
+
+
+def _output_folder(path: Path, option: str) -> None:
+    """An output folder: not a file (exit 2); creating it is left to the stage."""
+    if path.exists() and not path.is_dir():
+        raise BadPath(f"{option} {path}: is a file, not a folder. Choose another {option}")
+
+
+def _quiet_transformers() -> None:
+    """transformers' own 'Loading weights' bar off unless --verbose."""
+    if not _state["verbose"]:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _error_line(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # always ONE line
 
 
-def expected_exit_code(err: BaseException) -> int | None:
-    """The exit code of an expected failure, None for a bug."""
+def _is_ray_wrapper(err: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] == "ray" for cls in type(err).__mro__)
+
+
+def _causes(err: BaseException, depth: int = 0):
+    """``err`` and, for Ray's wrapper exceptions only (a task's or a Train worker's failure), what they wrap."""
+    yield err
+    if depth > 8 or not _is_ray_wrapper(err):
+        return
+    inner = [getattr(err, "cause", None), err.__cause__]
+    failures = getattr(err, "worker_failures", None)  # ray.train WorkerGroupError
+    if isinstance(failures, dict):
+        inner.extend(failures.values())
+    for e in inner:
+        if isinstance(e, BaseException) and e is not err:
+            yield from _causes(e, depth + 1)
+
+
+def _own_code(err: BaseException) -> int | None:
     code = getattr(err, "exit_code", None)
     if isinstance(code, int) and not isinstance(code, bool) and not isinstance(err, Exit):
         return code
     for cls, code in _EXPECTED_BUILTINS:
         if isinstance(err, cls):
             return code
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:
         return 2
     return None
 
 
+def expected_failure(err: BaseException) -> tuple[int, BaseException] | None:
+    """(exit code, the exception to report) of an expected failure (possibly wrapped by Ray), None for a bug."""
+    causes = list(_causes(err))
+    # a Ray wrapper (RayTaskError(X) also IS an X) reports the wrapped error, not Ray's long text
+    for e in [c for c in causes if not _is_ray_wrapper(c)] + [c for c in causes if _is_ray_wrapper(c)]:
+        code = _own_code(e)
+        if code is not None:
+            return code, e
+    return None
+
+
+def expected_exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected failure, None for a bug."""
+    found = expected_failure(err)
+    return found[0] if found else None
+
+
+def error_message(err: BaseException) -> str:
+    """The one-line text of an expected failure: OSErrors as ``path: reason. next step``."""
+    if isinstance(err, OSError) and err.strerror and getattr(err, "exit_code", None) is None:
+        where = f"{err.filename}: " if err.filename else ""
+        hint = _OS_HINTS.get(err.errno, "")
+        return f"{where}{err.strerror.lower()}{'. ' + hint if hint else ''}"
+    return str(err) or type(err).__name__
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
+
+    exit_code = 130
+
+
+def _interrupted_message() -> str:
+    """The one line Ctrl-C prints: what is kept and what a rerun does (the command's ``on_interrupt``)."""
+    hint = _state.get("on_interrupt")
+    try:
+        text = hint() if callable(hint) else None
+    except Exception:  # noqa: BLE001 -- the message must not turn an interrupt into a crash
+        text = None
+    return text or (f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
+                    "command to resume.")
+
+
 class RglfGroup(TyperGroup):
     """The top-level group: every expected failure becomes one line on stderr and an exit code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_message()) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:
@@ -96,17 +224,17 @@ class RglfGroup(TyperGroup):
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
-        except KeyboardInterrupt:
-            _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
-                        "command to resume.")
+        except KeyboardInterrupt:  # outside a command (typer turns one inside into a silent Exit(130): see invoke)
+            _error_line(_interrupted_message())
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
-            code = expected_exit_code(e)
-            if code is None:
+            found = expected_failure(e)
+            if found is None:
                 raise
+            code, reported = found
             if _state["verbose"]:
                 traceback.print_exc()
-            _error_line(str(e) or type(e).__name__)
+            _error_line(error_message(reported))
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -155,7 +283,7 @@ class Output:
         if quiet and verbose:
             raise typer.BadParameter("--quiet and --verbose exclude each other")
         self.quiet, self.verbose = quiet, verbose
-        _state.update(verbose=verbose, command=f"rglf {command}")
+        _state.update(verbose=verbose, command=f"rglf {command}", on_interrupt=None)
         os.environ["RGLF_VERBOSE"] = "1" if verbose else "0"  # read by Ray workers started after this
         if not verbose:
             # Library chatter off before anything heavy is imported (inherited by Ray workers).
@@ -168,6 +296,10 @@ class Output:
 
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+
+    def on_interrupt(self, message: Callable[[], str]) -> None:
+        """What Ctrl-C prints (called then): what is kept and what a rerun does, in one line."""
+        _state["on_interrupt"] = message
 
     def log(self, message: str) -> None:
         """An informational line (stdout; hidden by --quiet)."""
@@ -429,7 +561,12 @@ def toy_data(
     ui = Output("toy data", quiet, verbose)
     from rglf.model.toy.task import ToyDatasetConfig, write_dataset
 
-    summary = write_dataset(out, ToyDatasetConfig(n_samples=n_samples, seed=seed))
+    _output_folder(out, "--out")
+    try:
+        cfg = ToyDatasetConfig(n_samples=n_samples, seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    summary = write_dataset(out, cfg)
     ui.summary(f"toy data: {summary['counts']} -> {out}")
 
 
@@ -452,10 +589,14 @@ def toy_train(
     ui = Output("toy train", quiet, verbose)
     from rglf.model.toy.stage1 import Stage1Config, train_stage1
 
-    cfg = Stage1Config(
-        out=out, steps=steps, finest_steps=finest_steps, batch_size=batch_size, lr=lr, seed=seed,
-        threads=torch_threads, eval_every=eval_every, max_minutes=max_minutes,
-    )
+    _output_folder(out, "--out")
+    try:
+        cfg = Stage1Config(
+            out=out, steps=steps, finest_steps=finest_steps, batch_size=batch_size, lr=lr, seed=seed,
+            threads=torch_threads, eval_every=eval_every, max_minutes=max_minutes,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     report = train_stage1(cfg, log=ui.log)
     ui.summary(f"stage1: {report['steps_done']} steps in {report['train_minutes']} min -> {out}")
 
@@ -476,9 +617,13 @@ def toy_report(
     ui = Output("toy report", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    _need_checkpoint(model)
+    if output is not None and output.is_dir():
+        raise BadPath(f"--output {output}: is a folder. Name a file")
     from rglf.model.lmm import FrozenLMM
     from rglf.model.toy.stage1 import evaluate, format_table, heldout_items
 
+    _quiet_transformers()
     lmm = FrozenLMM.from_pretrained(model)
     table = evaluate(lmm, heldout_items(lmm, per_family, seed))
     text = json.dumps(table, indent=2) if fmt == "json" else format_table(table)
@@ -508,6 +653,10 @@ def ingest_cmd(
     ui = Output("ingest", quiet, verbose)
     from rglf.pipeline.ingest import IngestConfig, run_ingest
 
+    for path in inputs:
+        _need_file(path, "input")
+    _need_folder(image_root, "--image-root")
+    _output_folder(run, "--run")
     try:
         cfg = IngestConfig(
             inputs=inputs, image_root=image_root, out=run, source=source, split=split,
@@ -562,6 +711,12 @@ def score_cmd(
     ui = Output("score", quiet, verbose)
     from rglf.pipeline.score import ScoreConfig, run_score
 
+    if run.exists() and not run.is_dir():
+        raise BadPath(f"--run {run}: is a file, not a folder. Pass the run folder of `rglf ingest`")
+    if not (run / "samples").is_dir():
+        raise StageMissing(f"--run {run}: has no samples/ (not ingested yet). Ingest first: rglf ingest DATA.json "
+                           f"--image-root IMAGES --run {run}")
+    _need_checkpoint(model)
     if device == "auto":
         device = "cuda" if gpus_per_worker > 0 else "cpu"
     try:
@@ -609,6 +764,12 @@ def convert_cmd(
     ui = Output("convert", quiet, verbose)
     from rglf.model.convert import convert_checkpoint
 
+    _need_folder(src, "SRC")
+    if not (src / "config.json").is_file():
+        raise BadPath(f"SRC {src}: has no config.json. Pass an original LLaVA / AVG-LLaVA checkpoint folder")
+    if dst.exists() and not force:
+        raise BadPath(f"DST {dst}: already exists. Pass --force to replace it, or choose another DST")
+
     report = convert_checkpoint(src, dst, vision_config=vision_config, image_token_id=image_token_id, overwrite=force)
     ui.summary(report.summary())
 
@@ -642,6 +803,8 @@ def rank_cmd(
 ) -> None:
     """Rank each sample's levels by NLL in DuckDB SQL: write rankings, pairs and preferences."""
     ui = Output("rank", quiet, verbose)
+    ui.on_interrupt(lambda: f"rank interrupted: {out} is unchanged (tables are published only when complete); "
+                            "rerun the same command.")
     from rglf.pipeline.rank import RankConfig, run_rank
 
     try:
@@ -666,8 +829,6 @@ def rank_cmd(
         f"{','.join(map(str, report['ladder']))} (excluded: {excluded or 'none'}); {tables} -> {out} "
         f"({report['timings_s']['total']:.1f} s)"
     )
-    if len(report["inputs"]["model_ids"]) > 1:
-        typer.echo(f"warning: the feedback mixes model_ids {report['inputs']['model_ids']}", err=True)
 
 
 @app.command(
@@ -691,7 +852,8 @@ def sql_cmd(
     verbose: Verbose = False,
 ) -> None:
     """Run SQL over a run's tables (views: samples, feedback, errors, rankings, pairs, preferences, excluded)."""
-    Output("sql", quiet, verbose)
+    ui = Output("sql", quiet, verbose)
+    ui.on_interrupt(lambda: "sql interrupted: the query was stopped; nothing was written.")
     from rglf.pipeline.query import SqlConfig, run_sql
 
     try:
@@ -713,6 +875,12 @@ def report_cmd(
     ui = Output("report", quiet, verbose)
     from rglf.pipeline.report import ReportConfig, run_report
 
+    if rank.exists() and not rank.is_dir():
+        raise BadPath(f"--rank {rank}: is a file, not a folder. Pass the folder written by `rglf rank`")
+    if not (rank / "rank_report.json").is_file() or not (rank / "preferences").is_dir():
+        raise StageMissing(f"--rank {rank}: no rankings there (no rank_report.json / preferences/). Rank first: "
+                           f"rglf rank --run RUN --out {rank}")
+    _output_folder(out, "--out")
     try:
         cfg = ReportConfig(rank=rank, out=out, run=run)
     except ValueError as e:
@@ -755,7 +923,14 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed (init, shuffling, dropout).")] = 0,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: every epoch).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every epoch).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoints/latest if present.")] = True,
+    resume: Annotated[
+        bool, typer.Option(help="Resume from OUT/checkpoints/latest if OUT was trained with the same settings "
+                                "(--no-resume: start fresh, as --force).")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Start fresh even if OUT was trained with other settings: its router outputs are "
+                                "MOVED to OUT/.replaced-<time>/ (not deleted).")
+    ] = False,
     workers: Annotated[int, typer.Option(help="1: this process; >1: Ray Train TorchTrainer workers.")] = 1,
     use_gpu: Annotated[bool, typer.Option(help="Ray workers use one GPU each.")] = False,
     address: Annotated[
@@ -782,13 +957,24 @@ def train_cmd(
             grad_clip=grad_clip, loss=loss, margin_scale=margin_scale, w_rank=w_rank, w_ce=w_ce, levels=ladder,
             image_only=image_only, top_k=top_k, merger_attends=merger_attends, voter_init=voter_init,
             dropout=dropout, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
-            num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
+            force=force, num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
             progress=not quiet,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+    def interrupted() -> str:
+        from rglf.router.train import latest_checkpoint
+
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            return f"train interrupted: no checkpoint in {out} yet; a rerun starts from step 0."
+        return (f"train interrupted: the checkpoint {ckpt} is kept; rerun the same command to resume from it "
+                "(--force starts fresh).")
+
+    ui.on_interrupt(interrupted)
     with ui.progress("train", unit="steps") as bar:
-        m = train_router(cfg, progress=bar)
+        m = train_router(cfg, progress=bar, log=ui.log)
     plot_training_curve(m, out / TRAINING_CURVE_PNG)
     write_config_record(ctx, out)
     final = m["final"]
@@ -827,6 +1013,8 @@ def eval_cmd(
     Prints the policies, per-source rows and RouteLLM's APGR / CPT(50%) / CPT(80%); writes eval.json, eval.png, confusion.png, training_curve.png (from ROUTER/metrics.json) and eval.toml (the options, for --config).
     """
     ui = Output("eval", quiet, verbose)
+    ui.on_interrupt(lambda: "eval interrupted: nothing was written (eval.json comes at the end); rerun the same "
+                            "command.")
     from rglf.router.evaluate import EvalConfig, eval_table, evaluate_router, routellm_table, source_table
 
     try:
@@ -896,6 +1084,10 @@ def route_cmd(
     ui = Output("route", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    if budget is not None and lam is not None:
+        raise typer.BadParameter("give --budget (a calibrated lam from budget.json) or --lam, not both")
+    if router.exists() and not router.is_dir():
+        raise BadPath(f"--router {router}: is a file, not a folder. Pass the folder written by `rglf train`")
     single, batch = (image, question), (data, image_root, out)
     if data is not None:
         if image is not None or question is not None:
@@ -906,8 +1098,26 @@ def route_cmd(
         raise typer.BadParameter("give --image and --question (one image), or --data, --image-root and --out")
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    if not (router / "router_config.json").is_file():
+        raise StageMissing(f"--router {router}: no trained router there (no router_config.json). Train one first: "
+                           f"rglf train --run RUN --rank RANK --out {router}")
+    if data is None:
+        _need_file(image, "--image")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise BadPath(f"--image {image}: not a readable image ({e}). Pass a PNG/JPEG/... file") from None
+    else:
+        _need_file(data, "--data")
+    _need_checkpoint(model)
+    from rglf.router.preflight import check_device
     from rglf.router.route import Router, format_route, route, route_dataset
 
+    check_device(device)
+    _quiet_transformers()
     try:
         if data is None:
             result = route(router, model, image, question, answer=answer, budget=budget, lam=lam,
@@ -952,6 +1162,14 @@ def demo_cmd(
     import time
 
     ui = Output("demo", quiet, verbose)
+    ui.on_interrupt(lambda: f"demo interrupted: every finished stage in {out} is kept; rerun the same command to "
+                            "continue (the scoring job resumes, trained routers are reused).")
+    _output_folder(out, "--out")
+    _need_checkpoint(model)
+    for name, value, low in (("--n-samples", n_samples, 10), ("--workers", workers, 1), ("--epochs", epochs, 1),
+                             ("--batch-size", batch_size, 1)):
+        if value < low:
+            raise typer.BadParameter(f"{name} must be >= {low}, got {value}")
 
     from rich.table import Table
 

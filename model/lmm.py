@@ -20,7 +20,6 @@ Per image (SPEC, "LLaVA-NeXT packing with pooled grids"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from .conversation import IGNORE_INDEX, TokenizedConversation, tokenize_conversation
+from .provenance import checkpoint_fingerprint
 from .scaler import Ladder, Level
 
 
@@ -229,29 +229,6 @@ class RouterSide(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """A cheap, stable id of a checkpoint folder: its name + a hash of its config and weight files.
-
-    Weight files are hashed by size and their first and last MiB (hashing 14 GB on every job
-    start would cost minutes); any retraining changes those bytes.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.suffix in {".json"} and f.name.startswith("config"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        elif f.suffix in {".safetensors", ".bin"}:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-    return f"{path.resolve().name}@{h.hexdigest()[:12]}"
-
-
 class FrozenLMM:
     """A LLaVA(-NeXT) checkpoint in inference mode, with this project's multi-granularity scoring."""
 
@@ -300,8 +277,13 @@ class FrozenLMM:
         dtype: str | torch.dtype | None = None,
         ladder: Ladder | str | None = None,
         attn_implementation: str | None = "sdpa",
+        known: dict[str, Any] | None = None,
     ) -> FrozenLMM:
-        """Load a local HF-format folder (never a hub: ``local_files_only``)."""
+        """Load a local HF-format folder (never a hub: ``local_files_only``).
+
+        ``known``: a ``run.json`` ``model_files`` record whose per-file hashes the model id may
+        reuse (``model.provenance.checkpoint_identity``), so a scorer actor does not re-hash.
+        """
         from transformers import (
             AutoConfig,
             AutoTokenizer,
@@ -336,7 +318,7 @@ class FrozenLMM:
         if isinstance(ladder, str):
             grid = config.vision_config.image_size // config.vision_config.patch_size
             ladder = Ladder.parse(ladder, grid)
-        return cls(model, tokenizer, processor, ladder=ladder, model_id=checkpoint_fingerprint(path))
+        return cls(model, tokenizer, processor, ladder=ladder, model_id=checkpoint_fingerprint(path, known=known))
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,23 @@
 
 ``run_sql`` runs the query and prints a table or writes csv / json / parquet. DuckDB errors
 become ``QueryError`` carrying DuckDB's own message. ``SHOW TABLES`` lists the views.
+
+Read-only: the command is for analysis and can neither change nor exfiltrate a file.
+
+- The views are Arrow datasets registered from Python (the files are opened by pyarrow, not
+  by SQL), then the connection is sealed: ``enable_external_access = false`` (no file, network
+  or extension access from SQL: ``COPY``, ``read_text``/``read_csv``/``read_parquet``/``glob``,
+  ``ATTACH`` of a file, ``INSTALL``/``LOAD``, ``EXPORT DATABASE`` all fail), ``temp_directory =
+  ''`` (no spilling: a query that outgrows ``memory_limit`` fails instead of writing), then
+  ``lock_configuration = true`` (no ``SET``/``RESET``/``PRAGMA`` can undo any of it).
+- ``COPY``, ``EXPORT``, ``ATTACH``/``DETACH`` and ``INSTALL``/``LOAD`` statements are refused up
+  front with a message pointing at ``--output``; in-memory statements (``CREATE TEMP VIEW``,
+  ``CREATE MACRO``, ``SET VARIABLE``) only live for the command.
+- ``--output FILE`` is the only write: the result streams as Arrow from the sealed connection
+  into a second connection that runs exactly one ``COPY result TO FILE`` of our own (DuckDB's
+  csv/parquet writers), into a temp name renamed over ``FILE``.
+- Values are converted through Arrow (Python's ``zoneinfo``), so ``TIMESTAMP WITH TIME ZONE``
+  columns (``select now()``) need no ``pytz``.
 """
 
 from __future__ import annotations
@@ -26,16 +43,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from rglf.model.tables import ERRORS_SCHEMA
 from rglf.pipeline.rank import (
     REPORT_NAME,
     TABLES,
     FeedbackError,
-    connect,
     parquet_files,
-    register_parquet,
     resolve_table,
+    run_interruptibly,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +63,17 @@ if TYPE_CHECKING:
 RUN_TABLES = ("samples", "feedback", "errors")
 RANK_TABLES = TABLES
 FORMATS = ("table", "csv", "json", "parquet")
+# Statements refused before they reach DuckDB (the sealed connection would refuse most of them too).
+_WRITE_HINT = "Write a result with --format csv|json|parquet --output FILE"
+_TABLES_HINT = "Query the views of --run / --rank (SHOW TABLES lists them)"
+REFUSED_STATEMENTS = {
+    "COPY": f"COPY writes or reads files. {_WRITE_HINT}",
+    "COPY_DATABASE": f"COPY FROM DATABASE writes a database. {_WRITE_HINT}",
+    "EXPORT": f"EXPORT DATABASE writes files. {_WRITE_HINT}",
+    "ATTACH": f"ATTACH opens another database. {_TABLES_HINT}",
+    "DETACH": f"DETACH changes the attached databases. {_TABLES_HINT}",
+    "LOAD": f"INSTALL/LOAD add extensions. {_TABLES_HINT}",
+}
 
 
 class QueryError(RuntimeError):
@@ -116,6 +146,33 @@ def _ranked_feedback(rank: Path) -> list[Path]:
         return []
 
 
+def _dataset(files: list[Path]) -> ds.Dataset:
+    """The part files as one Arrow dataset, columns unioned by name (like ``union_by_name``)."""
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
+    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
+def sealed_connection(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection that will be sealed by ``seal`` once the views are registered."""
+    config: dict[str, Any] = {
+        "threads": threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+        "preserve_insertion_order": False,
+        "temp_directory": "",  # no spilling: the command writes nothing but --output
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+    }
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    return duckdb.connect(":memory:", config=config)
+
+
+def seal(con: duckdb.DuckDBPyConnection) -> None:
+    """No file, network or extension access from SQL from now on, and no SET to undo it."""
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
 def open_catalog(
     run: Path | None = None,
     rank: Path | None = None,
@@ -123,7 +180,7 @@ def open_catalog(
     threads: int | None = None,
     memory_limit: str | None = None,
 ) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
-    """A DuckDB connection with a view per existing table; returns it and ``{view: n_files}``."""
+    """A sealed, read-only DuckDB connection with a view per existing table; returns it and ``{view: n_files}``."""
     found: dict[str, list[Path]] = {}
     if run is not None:
         found.update({t: _table_files(Path(run), t) for t in RUN_TABLES})
@@ -131,22 +188,44 @@ def open_catalog(
         found.update({t: _table_files(Path(rank), t) for t in RANK_TABLES})
         if run is None:
             found["feedback"] = _ranked_feedback(Path(rank))
-    con = connect(threads, memory_limit)
-    for table, files in found.items():
-        if files:
-            register_parquet(con, table, files)
-    if run is not None and not found["errors"]:
-        # A run that rejected nothing writes no errors part: "no errors" is an empty table, not a
-        # missing one, so `select ... from errors` answers 0 rows instead of failing.
-        con.register("errors", ERRORS_SCHEMA.empty_table())
+    con = sealed_connection(threads, memory_limit)
+    try:
+        for table, files in found.items():
+            if files:
+                con.register(table, _dataset(files))
+        if run is not None and not found["errors"]:
+            # A run that rejected nothing writes no errors part: "no errors" is an empty table, not a
+            # missing one, so `select ... from errors` answers 0 rows instead of failing.
+            con.register("errors", ERRORS_SCHEMA.empty_table())
+        seal(con)
+    except BaseException:
+        con.close()
+        raise
     return con, {table: len(files) for table, files in found.items() if files}
+
+
+def check_read_only(query: str) -> None:
+    """Refuse statements that would write, attach or load (``QueryError``, before anything runs)."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise QueryError(str(e)) from None
+    for statement in statements:
+        kind = statement.type.name
+        if kind in REFUSED_STATEMENTS:
+            raise QueryError(f"rglf sql is read-only: {REFUSED_STATEMENTS[kind]}")
 
 
 def execute(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation | None:
     """Run ``query``; the last statement's result as a relation (None if it returns nothing)."""
+    check_read_only(query)
     try:
         return con.sql(query)
+    except duckdb.PermissionException as e:
+        raise QueryError(f"rglf sql is read-only (only the run's own tables can be read): {e}") from None
     except duckdb.Error as e:
+        if "configuration has been locked" in str(e):
+            raise QueryError(f"rglf sql is read-only (settings are locked): {e}") from None
         raise QueryError(str(e)) from None
 
 
@@ -160,21 +239,32 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def export(rel: duckdb.DuckDBPyRelation, fmt: str, path: Path) -> None:
     """Write ``rel`` to ``path`` atomically (temp file + os.replace).
 
-    csv and parquet stream through DuckDB's writers; json (an array of records; NaN/inf as
-    null; dates and other non-JSON values as strings) is built in memory.
+    csv and parquet stream as Arrow batches into DuckDB's own writers on a separate connection
+    that runs only our ``COPY``; json (an array of records; NaN/inf as null; dates and other
+    non-JSON values as strings) is built in memory.
     """
     path = Path(path)
+    if path.is_dir():
+        raise QueryError(f"--output {path}: is a folder. Name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh hidden name (not mkstemp: its 0600 mode would stick to the published file)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        if fmt == "csv":
-            rel.write_csv(str(tmp), header=True)
-        elif fmt == "parquet":
-            rel.write_parquet(str(tmp), compression="zstd")
+        if fmt in ("csv", "parquet"):
+            options = "FORMAT csv, HEADER" if fmt == "csv" else "FORMAT parquet, COMPRESSION zstd"
+            writer = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+            try:
+                writer.register("result", rel.to_arrow_reader(batch_size=100_000))
+                writer.execute(f"COPY result TO {_sql_string(str(tmp))} ({options})")
+            finally:
+                writer.close()
         elif fmt == "json":
             records = [_json_value(r) for r in rel.to_arrow_table().to_pylist()]
             tmp.write_text(json.dumps(records, indent=1, default=str) + "\n", encoding="utf-8")
@@ -223,8 +313,10 @@ def format_table(rel: duckdb.DuckDBPyRelation, max_rows: int, width: int | None 
     from rich.table import Table
     from rich.text import Text  # plain Text: a value like "[b]" is data, not rich markup
 
-    try:
-        rows = [[_cell(v) for v in row] for row in rel.limit(max_rows + 1).fetchall()]
+    try:  # through Arrow: TIMESTAMP WITH TIME ZONE converts with zoneinfo, no pytz needed
+        arrow = rel.limit(max_rows + 1).to_arrow_table()
+        columns = [[_cell(v) for v in column.to_pylist()] for column in arrow.columns]  # duplicate names stay apart
+        rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
     except duckdb.Error as e:
         raise QueryError(str(e)) from None
     cut = len(rows) > max_rows
@@ -255,35 +347,40 @@ def run_sql(cfg: SqlConfig, echo: Callable[[str], Any] = print) -> dict[str, Any
     """
     con, views = open_catalog(cfg.run, cfg.rank, threads=cfg.threads, memory_limit=cfg.memory_limit)
     try:
-        rel = execute(con, cfg.query)
-        if rel is None:
-            echo("OK (the statement returned no rows)")
-            return {"views": views}
-        if cfg.format == "table":
-            from rich.console import Console
-
-            console = Console()
-            # a terminal: fit its width; piped or captured: never hide a column
-            table, cut = format_table(rel, cfg.max_rows, console.width if console.is_terminal else None)
-            if not console.is_terminal:
-                console = Console(width=100_000)
-            console.print(table)
-            if cut:
-                echo(
-                    f"(first {cfg.max_rows} rows shown; add LIMIT, --max-rows, or --format csv --output FILE)"
-                )
-            else:
-                echo(f"({table.row_count} row{'s' if table.row_count != 1 else ''})")
-            return {"views": views, "rows_shown": min(table.row_count, cfg.max_rows)}
-        if cfg.output is not None:
-            export(rel, cfg.format, cfg.output)
-            echo(f"wrote {cfg.output}")
-            return {"views": views, "output": str(cfg.output)}
-        with tempfile.TemporaryDirectory(prefix="rglf_sql_") as tmp:
-            path = Path(tmp) / f"result.{cfg.format}"
-            export(rel, cfg.format, path)
-            text = path.read_text(encoding="utf-8")
-        echo(text.rstrip("\n"))
-        return {"views": views}
+        return run_interruptibly(con, lambda: _run(con, views, cfg, echo))  # Ctrl-C stops a long query
     finally:
         con.close()
+
+
+def _run(con: duckdb.DuckDBPyConnection, views: dict[str, int], cfg: SqlConfig, echo: Callable[[str], Any]) -> dict[str, Any]:
+    """Run the query on the sealed connection and show or write its result (see ``run_sql``)."""
+    rel = execute(con, cfg.query)
+    if rel is None:
+        echo("OK (the statement returned no rows)")
+        return {"views": views}
+    if cfg.format == "table":
+        from rich.console import Console
+
+        console = Console()
+        # a terminal: fit its width; piped or captured: never hide a column
+        table, cut = format_table(rel, cfg.max_rows, console.width if console.is_terminal else None)
+        if not console.is_terminal:
+            console = Console(width=100_000)
+        console.print(table)
+        if cut:
+            echo(
+                f"(first {cfg.max_rows} rows shown; add LIMIT, --max-rows, or --format csv --output FILE)"
+            )
+        else:
+            echo(f"({table.row_count} row{'s' if table.row_count != 1 else ''})")
+        return {"views": views, "rows_shown": min(table.row_count, cfg.max_rows)}
+    if cfg.output is not None:
+        export(rel, cfg.format, cfg.output)
+        echo(f"wrote {cfg.output}")
+        return {"views": views, "output": str(cfg.output)}
+    with tempfile.TemporaryDirectory(prefix="rglf_sql_") as tmp:
+        path = Path(tmp) / f"result.{cfg.format}"
+        export(rel, cfg.format, path)
+        text = path.read_text(encoding="utf-8")
+    echo(text.rstrip("\n"))
+    return {"views": views}

@@ -55,13 +55,14 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -80,6 +81,7 @@ REQUIRED_COLUMNS = (
     "greedy_match",
 )
 REPORT_NAME = "rank_report.json"
+T = TypeVar("T")
 PART_NAME = "part-0.parquet"
 # The timed steps of ``run_rank`` (what its progress callback counts).
 STEPS = ("ladder", "sample_checks", "rank", *(f"write_{t}" for t in TABLES))
@@ -87,9 +89,15 @@ Progress = Callable[[int, "int | None", "dict[str, Any] | None"], None]
 
 
 class FeedbackError(ValueError):
-    """Feedback that cannot be ranked: no files, missing columns, NULL or duplicate keys."""
+    """Feedback that cannot be ranked: no files, missing columns, NULL or duplicate keys, mixed models."""
 
     exit_code = 2  # cli.EXIT_CODES: bad input or refused
+
+
+class FeedbackMissing(FeedbackError):
+    """A run folder without feedback yet: ``rglf score`` has not run (or written nothing)."""
+
+    exit_code = 4  # cli.EXIT_CODES: a required earlier stage's output is missing
 
 
 @dataclass
@@ -178,13 +186,20 @@ def resolve_table(path: str | Path, table: str = "feedback") -> tuple[Path, list
         return Path(os.path.commonpath([f.parent for f in files])), files
     path = Path(path)
     if path.is_file():
+        if path.suffix != ".parquet":
+            raise FeedbackError(f"{path}: is not a Parquet file or a folder. Pass a run folder (holding {table}/)")
         return path.parent, [path]
     if not path.is_dir():
-        raise FeedbackError(f"{table}: {path} does not exist")
+        raise FeedbackError(f"{path}: does not exist. Pass a run folder (holding {table}/), the {table}/ folder or a file")
+    if not (path / table).is_dir() and any((path / p).exists() for p in ("run.json", "samples", "router_inputs")):
+        # a run folder before (or without) scoring: never rank its other tables by mistake
+        raise FeedbackMissing(
+            f"{path}: has no {table}/ yet. Score it first: rglf score --run {path} --model CKPT"
+        )
     root = path / table if (path / table).is_dir() else path
     files = parquet_files(root)
     if not files:
-        raise FeedbackError(f"{table}: no Parquet files under {root}")
+        raise FeedbackMissing(f"{root}: holds no Parquet files. Score the run first: rglf score --run RUN --model CKPT")
     return root, files
 
 
@@ -263,6 +278,84 @@ def _exclusion_summary(con: duckdb.DuckDBPyConnection, cap: int) -> dict[str, di
     }
 
 
+def run_interruptibly(con: duckdb.DuckDBPyConnection, work: Callable[[], T], grace: float = 30.0) -> T:
+    """``work()`` (DuckDB calls on ``con``) in a helper thread, so Ctrl-C stops it within a moment.
+
+    DuckDB runs a query in C++ without returning to Python, so a Ctrl-C on the thread running it
+    waits for the whole query. Here the main thread waits; on KeyboardInterrupt it interrupts
+    ``con`` (repeatedly, until ``work`` returns: a query may be about to start) and re-raises.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the main thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="rglf-duckdb", daemon=True).start()
+    try:
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        deadline = time.monotonic() + grace
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                con.interrupt()
+                done.wait(0.1)
+            except KeyboardInterrupt:  # a second Ctrl-C: already stopping
+                continue
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _run_folder(feedback: Path, root: Path) -> Path | None:
+    """The run folder (holding ``run.json``) the feedback belongs to, if any."""
+    for candidate in (feedback, root.parent if root.name == "feedback" else None):
+        if candidate is not None and candidate.is_dir() and (candidate / "run.json").is_file():
+            return candidate
+    return None
+
+
+def _provenance(feedback: Path, root: Path, model_ids: list[str]) -> dict[str, Any]:
+    """Which model and run the feedback comes from (``rank_report.json`` ``provenance``).
+
+    Refuses (``FeedbackError``) feedback mixing several ``model_id`` values, and feedback whose
+    ``model_id`` differs from its run folder's ``run.json``: such a ranking compares two models.
+    """
+    if len(model_ids) > 1:
+        raise FeedbackError(
+            f"{root}: mixes feedback of {len(model_ids)} models ({', '.join(map(str, model_ids[:5]))}); rankings "
+            "must compare levels of ONE model. Rescore into a fresh folder: rglf score --run NEW_RUN --model CKPT"
+        )
+    run = _run_folder(feedback, root)
+    record: dict[str, Any] = {}
+    if run is not None:
+        try:
+            record = json.loads((run / "run.json").read_text())
+        except (OSError, ValueError) as e:
+            raise FeedbackError(f"{run / 'run.json'}: unreadable ({e}). Rescore the run: rglf score --run RUN --force") from None
+    model_id = model_ids[0] if model_ids else None
+    recorded = record.get("model_id")
+    if recorded and model_id and recorded != model_id:
+        raise FeedbackError(
+            f"{root}: feedback was scored by model {model_id} but {run}/run.json names {recorded}. "
+            "Rescore the run: rglf score --run RUN --model CKPT --force"
+        )
+    return {
+        "run": str(run.resolve()) if run is not None else None,
+        "run_id": record.get("run_id"),
+        "model_id": model_id or recorded,
+    }
+
+
 def _publish(tmp: Path, out: Path, names: list[str]) -> None:
     """Move ``tmp/<name>`` over ``out/<name>`` for each name, in order (the report last).
 
@@ -308,6 +401,7 @@ def _build(
         if "model_id" in columns
         else []
     )
+    provenance = _provenance(cfg.feedback, root, model_ids)
     t = step("ladder", t)
 
     con.sql(load_sql("sample_checks"), params={"ladder": ladder}).create("sample_checks")
@@ -351,6 +445,7 @@ def _build(
             "n_rows": n_rows,
             "model_ids": model_ids,
         },
+        "provenance": provenance,
         "ladder": ladder,
         "ladder_from": ladder_from,
         "n_samples": int(n_samples),
@@ -387,20 +482,31 @@ def run_rank(cfg: RankConfig, progress: Progress | None = None) -> dict[str, Any
     out = cfg.out.resolve()
     if cfg.feedback.is_dir() and out.is_relative_to(root.resolve()):  # a folder is read recursively
         raise FeedbackError(
-            f"--out {cfg.out} is inside the feedback folder {root}: later reads would mix them"
+            f"--out {cfg.out} is inside the feedback folder {root}: later reads would mix them. Choose another --out"
         )
+    if out.exists() and not out.is_dir():
+        raise FeedbackError(f"--out {cfg.out}: is a file, not a folder. Choose a folder for the rankings")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if nothing is published
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".rank-tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    published = False
     try:
+        tmp.mkdir()
         con = connect(cfg.threads, cfg.memory_limit, tmp / ".duckdb_tmp")
         try:
-            report = _build(con, cfg, root, files, tmp, progress)
+            report = run_interruptibly(con, lambda: _build(con, cfg, root, files, tmp, progress))
         finally:
             con.close()
         report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out, [*TABLES, REPORT_NAME])
+        published = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not published:  # a failed or interrupted first run leaves no empty output folder behind
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return report

@@ -304,10 +304,13 @@ class Scorer:
         import torch
 
         from rglf.model.lmm import FrozenLMM
+        from rglf.model.provenance import known_files
 
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        self.lmm = FrozenLMM.from_pretrained(model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder)
+        self.lmm = FrozenLMM.from_pretrained(
+            model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder, known=known_files(out)
+        )
         if self.lmm.model_id != model_id:
             raise RuntimeError(
                 f"the checkpoint at {model} on this node has fingerprint {self.lmm.model_id}, the driver saw "
@@ -464,8 +467,11 @@ class Scorer:
 # --------------------------------------------------------------------------------------
 
 
-def resolve_model(model: Path, ladder_spec: str | None):
-    """(model_id, Ladder) of a checkpoint without loading its weights (the driver needs no GPU)."""
+def resolve_model(model: Path, ladder_spec: str | None, known: dict | None = None):
+    """(model_id, Ladder) of a checkpoint without loading its weights (the driver needs no GPU).
+
+    ``known``: the run folder's ``run.json`` ``model_files`` (cached per-file hashes).
+    """
     from transformers import AutoConfig
 
     from rglf.model.lmm import ModelLoadError, checkpoint_fingerprint
@@ -474,7 +480,7 @@ def resolve_model(model: Path, ladder_spec: str | None):
     if not (model / "config.json").is_file():
         raise ModelLoadError(f"{model} is not an HF checkpoint folder (no config.json)")
     vc = AutoConfig.from_pretrained(model, local_files_only=True).vision_config
-    return checkpoint_fingerprint(model), Ladder.parse(ladder_spec, vc.image_size // vc.patch_size)
+    return checkpoint_fingerprint(model, known=known), Ladder.parse(ladder_spec, vc.image_size // vc.patch_size)
 
 
 def _now() -> str:
@@ -670,8 +676,11 @@ def _final_counts(cfg: ScoreConfig, report: ScoreReport, ladder, ids: list[str])
 
 def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
     """Run the job (see the module docstring); returns the report also saved in ``run.json``."""
+    from rglf.model.provenance import checkpoint_identity, known_files, new_run_id
+
     started = _now()
-    model_id, ladder = resolve_model(cfg.model, cfg.ladder)
+    known = known_files(cfg.run_dir)  # cached per-file hashes: a resumed run does not re-hash the checkpoint
+    model_id, ladder = resolve_model(cfg.model, cfg.ladder, known=known)
     previous = prepare_output(cfg, model_id, ladder, log)
     existing = scan_output(cfg.run_dir)
     ids, skip, partial = plan(cfg.run_dir / "samples", existing, ladder)
@@ -691,6 +700,8 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
         "status": "running",
         "config": cfg.to_json(),
         "model_id": model_id,
+        "run_id": (previous or {}).get("run_id") or new_run_id(),  # checked by rank/train (model/provenance.py)
+        "model_files": checkpoint_identity(cfg.model, known=known).to_json(),
         "ladder": {"spec": ladder.spec, "tokens": list(ladder.tokens), "grid": ladder.grid},
         "history": history,
     }

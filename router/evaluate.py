@@ -315,6 +315,10 @@ def evaluate_router(cfg: EvalConfig, progress: Progress | None = None) -> dict[s
 
     ``progress(done, total, fields)``: samples through the router(s) so far (optional).
     """
+    from rglf.router.preflight import preflight_eval
+
+    routers = [("--router", cfg.router)] + ([("--image-only-router", cfg.image_only_router)] if cfg.image_only_router else [])
+    preflight_eval(cfg.run, cfg.rank, routers, cfg.split, cfg.device, cfg.out)  # one-line errors before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)

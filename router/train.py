@@ -148,7 +148,11 @@ class TrainConfig:
     keep_checkpoints: int = 1
     """How many step checkpoints to keep (the newest)."""
     resume: bool = True
-    """Resume from ``out/checkpoints/latest`` when it exists (False: start over, discarding it)."""
+    """Resume from ``out/checkpoints/latest`` when it exists, if ``out`` was trained with the same
+    settings (else refused, see ``router/preflight.py``). False: start fresh, as ``force``."""
+    force: bool = False
+    """Start fresh even when ``out`` was trained with other settings: its previous router outputs
+    (weights, configs, metrics, checkpoints, eval files) are moved to ``out/.replaced-<UTC time>/``."""
     num_workers: int = 1
     """1: train in this process. >1: Ray Train TorchTrainer with that many workers."""
     use_gpu: bool = False
@@ -449,7 +453,7 @@ def train_loop(
         history = json.loads((ckpt / "state.json").read_text())["history"]
     elif rank == 0 and (cfg.out / CHECKPOINTS).exists():
         shutil.rmtree(cfg.out / CHECKPOINTS)  # resume=False: an old run's checkpoints must not be picked up later
-    if rank == 0:
+    if rank == 0 and not (cfg.out / TRAIN_CONFIG).exists():  # never rewrite the config of existing weights
         cfg.out.mkdir(parents=True, exist_ok=True)
         _write_json(cfg.out / TRAIN_CONFIG, cfg.to_dict())
 
@@ -546,6 +550,33 @@ def _ray_worker(config: dict[str, Any]) -> None:
                progress=_ProgressFile(progress_file) if progress_file else None)
 
 
+def _fit_interruptibly(trainer) -> None:
+    """``trainer.fit()`` in a helper thread, so Ctrl-C reaches this (main) thread at once.
+
+    On the main thread Ray Train installs its own SIGINT handler, which only asks the controller
+    to abort gracefully (and ignored Ctrl-C for minutes while resources were pending). Here a
+    KeyboardInterrupt propagates instead; the caller's ``ray.shutdown()`` stops the workers.
+    """
+    import threading
+
+    outcome: dict[str, BaseException] = {}
+    done = threading.Event()  # not Thread.join: a KeyboardInterrupt inside join can corrupt the thread state
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the main thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="rglf-train-fit", daemon=True).start()
+    while not done.wait(0.2):
+        pass
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def train_with_ray(
     cfg: TrainConfig, *, object_store_memory: int = 100 * 1024**2, progress: Progress | None = None
 ) -> dict[str, Any]:
@@ -558,11 +589,14 @@ def train_with_ray(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rglf.router.preflight import check_cluster_resources
+
     started = not ray.is_initialized()
     temp = tempfile.mkdtemp(prefix="/tmp/rglf-ray-") if started else None
     storage = tempfile.mkdtemp(prefix="/tmp/rglf-train-")
     verbose = os.environ.get("RGLF_VERBOSE") == "1"
-    loop_config = cfg.to_dict()
+    # absolute paths: Ray workers do not run in this process's working directory
+    loop_config = {**cfg.to_dict(), **{k: str(getattr(cfg, k).resolve()) for k in ("run", "rank", "out")}}
     poller, stop = None, threading.Event()
     if progress is not None and cfg.progress:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -573,8 +607,10 @@ def train_with_ray(
         poller.start()
     try:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        # workers' own output and Ray's INFO lines only with --verbose (errors still raise here)
+        logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
         if started and address:
-            ray.init(address=address, log_to_driver=verbose)  # join a cluster (the folders must be shared)
+            ray.init(address=address, **logs)  # join a cluster (the folders must be shared)
         elif started:  # a new local instance, never another process's cluster on this machine
             ray.init(
                 address="local",
@@ -582,8 +618,7 @@ def train_with_ray(
                 object_store_memory=object_store_memory,
                 _temp_dir=temp,
                 include_dashboard=False,
-                log_to_driver=verbose,  # workers' own output only with --verbose (errors still raise here)
-                logging_level=logging.INFO if verbose else logging.WARNING,
+                **logs,
             )
         trainer = TorchTrainer(
             _ray_worker,
@@ -593,7 +628,8 @@ def train_with_ray(
             ),
             run_config=RunConfig(name="rglf-router", storage_path=storage),
         )
-        trainer.fit()
+        check_cluster_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)  # Ray would wait forever
+        _fit_interruptibly(trainer)
     finally:
         stop.set()
         if poller is not None:
@@ -606,12 +642,17 @@ def train_with_ray(
     return json.loads((cfg.out / METRICS).read_text())
 
 
-def train_router(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
+def train_router(
+    cfg: TrainConfig, progress: Progress | None = None, log: Callable[[str], None] = lambda _m: None
+) -> dict[str, Any]:
     """Train (one process, or Ray Train when ``num_workers > 1``); returns ``metrics.json``'s content.
 
     ``progress(step, total, {"loss", "val agree"})`` is called after every optimiser step (from
     rank 0; with Ray, relayed to this process) when ``cfg.progress``.
     """
+    from rglf.router.preflight import preflight_train
+
+    preflight_train(cfg, log)  # inputs, provenance, OUT's settings (--force), resources: one-line errors
     if cfg.num_workers > 1:
         return train_with_ray(cfg, progress=progress)
     return train_loop(cfg, progress=progress)

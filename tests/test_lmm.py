@@ -302,7 +302,7 @@ def test_checkpoint_fingerprint_changes_when_weights_change(tiny_ckpt, tmp_path)
     copy = tmp_path / tiny_ckpt.name
     shutil.copytree(tiny_ckpt, copy)
     original = checkpoint_fingerprint(copy)
-    assert original == checkpoint_fingerprint(tiny_ckpt)  # content + folder name, not the path
+    assert original == checkpoint_fingerprint(tiny_ckpt)  # content only: not the path (see tests/test_provenance.py)
     weights = load_file(copy / "model.safetensors")
     save_file({k: v * 1.01 for k, v in weights.items()}, copy / "model.safetensors", metadata={"format": "pt"})
     retrained = checkpoint_fingerprint(copy)

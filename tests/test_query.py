@@ -5,6 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -160,3 +166,91 @@ def test_wide_tables_hide_middle_columns_on_a_narrow_terminal() -> None:
     assert _visible_columns([10] * 10, 73) == [0, 1, 8, 9]
     with pytest.raises(ValueError):
         SqlConfig(query="  ")
+
+
+# ---- read-only (issue 13, case 2) -------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("copy (select 1 as x) to '{part}'", "COPY"),
+        ("copy (select 1 as x) to '{part}' (use_tmp_file false)", "COPY"),
+        ("copy feedback to '{tmp}/stolen.csv'", "COPY"),
+        ("select * from read_text('/etc/passwd')", "read-only"),
+        ("select * from read_csv('/etc/passwd', sep = ':')", "read-only"),
+        ("select * from read_parquet('{part}')", "read-only"),
+        ("select * from glob('/etc/*')", "read-only"),
+        ("attach '{tmp}/other.db' as other", "ATTACH"),
+        ("attach ':memory:' as m", "ATTACH"),
+        ("install httpfs", "INSTALL/LOAD"),
+        ("load httpfs", "INSTALL/LOAD"),
+        ("set enable_external_access = true", "locked"),
+        ("set threads = 1", "locked"),
+        ("reset lock_configuration", "locked"),
+        ("export database '{tmp}/dump'", "EXPORT"),
+        ("select 1; copy (select 2) to '{tmp}/x.csv'; select 3", "COPY"),
+    ],
+)
+def test_sql_cannot_write_or_read_other_files(folders: tuple[Path, Path], tmp_path: Path, query: str, words: str) -> None:
+    run, rank = folders
+    part = sorted((run / "feedback").glob("*.parquet"))[0]
+    before = part.read_bytes()
+    result = sql(query.format(part=part, tmp=tmp_path), "--run", str(run), "--rank", str(rank))
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert "read-only" in line and words in line, line
+    assert part.read_bytes() == before  # the committed part is untouched
+    assert list(tmp_path.iterdir()) == []  # and nothing was written anywhere else
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_timestamp_with_time_zone_needs_no_pytz(fmt: str) -> None:
+    result = sql("select now() as t, [now()] as l, 1 as n", "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "pytz" not in result.output and re.search(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d", result.stdout), result.output
+
+
+def test_output_is_the_only_write_and_only_to_the_named_file(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = folders
+    target = tmp_path / "out" / "result.parquet"
+    result = sql("select sample_id, now() as at from feedback", "--run", str(run), "-f", "parquet", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(target).num_rows == 8
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["out", "out/result.parquet"]
+    result = sql("select 1", "-f", "csv", "-o", str(tmp_path))  # a folder, not a file
+    assert result.exit_code == 2 and "is a folder" in _one_error_line(result)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the query running")
+def test_ctrl_c_stops_a_long_query_with_one_line() -> None:
+    """DuckDB does not return to Python while a query runs: the query runs in a helper thread and
+    Ctrl-C interrupts the connection."""
+    rglf = Path(sys.executable).parent / "rglf"
+    proc = subprocess.Popen([str(rglf), "sql", "select sum(range * 7 % 13) from range(100000000000)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+        while proc.poll() is None and _cpu_seconds(proc.pid) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)  # imports take ~1 s of CPU; beyond that the query is running
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == ["error: sql interrupted: the query was stopped; nothing was written."]

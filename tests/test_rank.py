@@ -274,7 +274,7 @@ def test_duplicate_rows_are_an_error_and_nothing_is_written(tmp_path: Path) -> N
         rank(tmp_path, rows)
     assert "('b', 72) x3" in str(e.value) and "('b', 144) x2" in str(e.value)
     out = tmp_path / "rank"
-    assert not (out / "rank_report.json").exists() and list(out.iterdir()) == []
+    assert not out.exists()  # nothing written, not even an empty output folder
 
 
 def test_null_keys_are_an_error(tmp_path: Path) -> None:
@@ -297,8 +297,11 @@ def test_missing_columns_and_empty_input_are_errors(tmp_path: Path) -> None:
     write_feedback(tmp_path / "empty", [])
     with pytest.raises(FeedbackError, match="has no rows"):
         run_rank(RankConfig(feedback=tmp_path / "empty", out=tmp_path / "out"))
-    with pytest.raises(FeedbackError, match="no Parquet files"):
-        run_rank(RankConfig(feedback=tmp_path / "out", out=tmp_path / "out2"))
+    assert not (tmp_path / "out").exists()  # the failed runs left no empty output folder
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FeedbackError, match="no Parquet files") as e:
+        run_rank(RankConfig(feedback=tmp_path / "bare", out=tmp_path / "out2"))
+    assert e.value.exit_code == 4  # nothing scored yet: an earlier stage is missing
     with pytest.raises(FeedbackError, match="does not exist"):
         run_rank(RankConfig(feedback=tmp_path / "nope", out=tmp_path / "out2"))
 

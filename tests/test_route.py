@@ -215,4 +215,4 @@ def test_route_data_cli_summary_and_exit_codes(setup, tmp_path):
     assert both.exit_code == 2 and both.stderr.startswith("error:") and both.stderr.count("\n") == 1
     missing = invoke("--router", d / "router", "--model", setup["ckpt"], "--image", tmp_path / "nope.png",
                      "--question", QUESTION, "--device", "cpu")
-    assert missing.exit_code == 2 and "no such image file" in missing.stderr
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1

@@ -181,6 +181,7 @@ def test_resume_from_the_last_checkpoint_is_step_exact(tables, tmp_path):
     (part / CHECKPOINTS).mkdir(parents=True)
     shutil.copytree(full / CHECKPOINTS / "step-00000003", part / CHECKPOINTS / "step-00000003")
     (part / CHECKPOINTS / "latest").write_text("step-00000003\n")
+    shutil.copy(full / TRAIN_CONFIG, part / TRAIN_CONFIG)  # written before the first step: a killed run has it
     m = train_router(cfg_for(run, rank, part, max_steps=6, checkpoint_every=3))
     assert m["resumed_from_step"] == 3 and len(m["history"]) == 6
     for k, v in weights(full).items():
