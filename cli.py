@@ -96,9 +96,12 @@ class RglfGroup(TyperGroup):
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
-        except KeyboardInterrupt:
-            _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
-                        "command to resume.")
+        except KeyboardInterrupt as e:  # a stage may say what it kept (its message), else the generic line
+            if str(e):
+                typer.echo(f"{_state['command']}: {e}", err=True)
+            else:
+                _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
+                            "command to resume.")
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
             code = expected_exit_code(e)
@@ -539,8 +542,12 @@ def score_cmd(
     max_batch_tokens: Annotated[int, typer.Option(help="Token budget (sequences x length) per forward pass.")] = 2048,
     max_batch_size: Annotated[int, typer.Option(help="Most sequences per forward pass.")] = 64,
     encode_batch: Annotated[int, typer.Option(help="Images per vision-tower pass.")] = 16,
-    max_aspect: Annotated[float, typer.Option(help="Reject images more elongated than this (long/short side).")] = 20.0,
-    min_side: Annotated[int, typer.Option(help="Reject images with a side shorter than this (px).")] = 10,
+    max_aspect: Annotated[
+        float | None,
+        typer.Option(help="Reject images more elongated than this (long/short side). Default: what the checkpoint's "
+                          "preprocessing handles (no limit for LLaVA-NeXT)."),
+    ] = None,
+    min_side: Annotated[int, typer.Option(help="Reject images with a side shorter than this (px; default 1: none).")] = 1,
     image_cpus: Annotated[float, typer.Option(help="CPUs per image-loading task.")] = 0.5,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a local instance).")
@@ -553,11 +560,13 @@ def score_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Score every sample's answer NLL at every level with the frozen LMM (Ray Data); resumable.
+    """Score every sample's answer NLL at every level with the frozen LMM (Ray); resumable.
 
-    Writes RUN/feedback, router_inputs, errors/score-*, router_side, run.json and score.toml (the options, for --config); a rerun skips what is done.
+    Writes RUN/feedback, router_inputs, errors/score-*, router_side, index, run.json and score.toml (the options, for --config); a rerun skips what is
+    done. One writer per run folder.
 
-    Exit status: 0 all scored, 3 some inputs rejected, 2 refused (another model or ladder than run.json).
+    Exit status: 0 all scored, 3 some inputs rejected (or no samples), 2 refused (another model or ladder than
+    run.json), 4 no samples (ingest first), 5 impossible resources, 6 run folder locked, 130 interrupted.
     """
     ui = Output("score", quiet, verbose)
     from rglf.pipeline.score import ScoreConfig, run_score
@@ -582,8 +591,11 @@ def score_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = run_score(cfg, log=ui.summary)
+    with ui.progress("score") as bar:
+        report = run_score(cfg, log=ui.log, progress=bar)
     write_config_record(ctx, run)
+    if ui.quiet:
+        ui.summary(report.summary())
     raise typer.Exit(report.exit_code)
 
 
