@@ -77,8 +77,24 @@ def expected_exit_code(err: BaseException) -> int | None:
     return None
 
 
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """The one line of a Ctrl-C: the stage's own message (what it kept, what a rerun does), else a generic one."""
+    if str(err):
+        typer.echo(f"{_state['command']}: {err}", err=True)
+    else:
+        _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
+                    "command to resume.")
+
+
 class RglfGroup(TyperGroup):
     """The top-level group: every expected failure becomes one line on stderr and an exit code."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:  # typer's main would turn Ctrl-C into a silent exit 130
+            _interrupted(e)
+            raise Exit(130) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:
@@ -96,12 +112,8 @@ class RglfGroup(TyperGroup):
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
-        except KeyboardInterrupt as e:  # a stage may say what it kept (its message), else the generic line
-            if str(e):
-                typer.echo(f"{_state['command']}: {e}", err=True)
-            else:
-                _error_line(f"{_state['command']}: interrupted. Everything already committed is kept; rerun the same "
-                            "command to resume.")
+        except KeyboardInterrupt as e:
+            _interrupted(e)
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
             code = expected_exit_code(e)
@@ -212,6 +224,7 @@ class StageProgress:
         self._start = 0.0
         self._last_line: float | None = None  # when the last line was printed (None: never)
         self._printed: tuple[int, int | None] | None = None
+        self._first: tuple[float, int] | None = None  # (time, done) of the first update with done > 0
         self._state: tuple[int, int | None, dict[str, Any]] | None = None
 
     def __enter__(self) -> StageProgress:
@@ -244,18 +257,27 @@ class StageProgress:
             self._last_line = now
             self._line(done, total, rate, extra)
 
+    def _speed(self, done: int) -> float | None:
+        """Units per second since the first unit was done (start-up time -- Ray, model loading -- excluded)."""
+        now = time.perf_counter()
+        if done and self._first is None:
+            self._first = (now, done)
+        if self._first is not None and done > self._first[1] and now > self._first[0]:
+            return (done - self._first[1]) / (now - self._first[0])
+        return None
+
     def _rate(self, done: int) -> str:
-        elapsed = time.perf_counter() - self._start
-        return f"{done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and done else ""
+        speed = self._speed(done)
+        return f"{speed:.1f} {self.unit}/s" if speed else ""
 
     def _line(self, done: int, total: int | None, rate: str, extra: str) -> None:
         self._printed = (done, total)
         of = f"/{total:,}" if total is not None else ""
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         eta = ""
-        elapsed = time.perf_counter() - self._start
-        if total and done and done < total:
-            eta = f", ETA {int((total - done) * elapsed / done)} s"
+        speed = self._speed(done)
+        if total and speed and done < total:
+            eta = f", ETA {int((total - done) / speed)} s"
         parts = [p for p in (rate, extra) if p]
         print(f"{self.label}: {done:,}{of} {self.unit}{pct}" + (f", {', '.join(parts)}" if parts else "") + eta,
               file=self.stream, flush=True)
@@ -507,7 +529,12 @@ def ingest_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Validate LLaVA-format conversations into a samples table; invalid records go to errors/ (exit 3 if any)."""
+    """Validate LLaVA-format conversations into a samples table; invalid records go to errors/ (exit 3 if any).
+
+    Reads JSON lists, JSONL or JSON objects incrementally (memory does not grow with the file). Exit status: 0 all
+    kept, 3 some rejected or no records at all, 2 refused (unreadable file, samples exist without --force),
+    6 run folder locked, 130 interrupted (nothing replaced).
+    """
     ui = Output("ingest", quiet, verbose)
     from rglf.pipeline.ingest import IngestConfig, run_ingest
 
@@ -518,7 +545,10 @@ def ingest_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = run_ingest(cfg, log=ui.summary)
+    with ui.progress("ingest", unit="MiB") as bar:
+        report = run_ingest(cfg, log=ui.log, progress=bar)
+    if ui.quiet:
+        ui.summary(report.summary())
     raise typer.Exit(report.exit_code)
 
 

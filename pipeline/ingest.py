@@ -270,7 +270,9 @@ def _decode_values(text: _Text, path: Path, decoder: json.JSONDecoder, where: st
             if end is None:
                 at = text.where(start)
                 text.pos = len(text.buf)
-                return None, RecordError("invalid_json", f"{where}: the file ends inside this record (it starts at {at})")
+                error = RecordError("invalid_json", f"{where}: the file ends inside this record (it starts at {at})")
+                error.truncated = True  # type: ignore[attr-defined]
+                return None, error
             at = text.where(err.pos)
             text.pos = end
             return None, RecordError("invalid_json", f"{where}: not valid JSON ({err.msg} at {at})")
@@ -317,6 +319,8 @@ def _iter_list(text: _Text, path: Path) -> Iterator[tuple[str, Any]]:
         where = f"{path}[{index}]"
         value, error = _decode_values(text, path, decoder, where)
         yield where, error if error is not None else value
+        if getattr(error, "truncated", False):
+            return
         index += 1
 
 

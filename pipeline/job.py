@@ -93,8 +93,7 @@ def plan_placement(need: dict[str, float], workers: int, image_cpus: float, devi
             break
     images_in_actor = image_cpus > 0 and not any(n.get("CPU", 0.0) + 1e-9 >= image_cpus for n in left)
     want = ", ".join(f"{r} {v:g}" for r, v in need.items())
-    return Placement(min(total, workers) if total < workers else workers, images_in_actor,
-                     f"the cluster can host {total} scorer actor(s) of {want}")
+    return Placement(min(total, workers), images_in_actor, f"the cluster can host {total} scorer actor(s) of {want}")
 
 
 @dataclass
@@ -211,6 +210,7 @@ class ScoringPool:
         last_progress = time.monotonic()
         last_notice = last_progress
         none_up_since: float | None = time.monotonic()
+        last_check = 0.0
 
         def next_batch() -> _Batch | None:
             nonlocal exhausted, seq
@@ -226,7 +226,9 @@ class ScoringPool:
             return _Batch(seq, rows)
 
         while True:
-            for slot in sorted((s for s in self.slots if s.state == "up"), key=lambda s: len(s.inflight)):
+            # Starting actors get work too: Ray holds the calls until the actor is ready, and meanwhile
+            # the first batches' image tasks run (worker start-up and imports overlap the model load).
+            for slot in sorted((s for s in self.slots if s.state in ("up", "starting")), key=lambda s: len(s.inflight)):
                 while len(slot.inflight) < self.prefetch:
                     batch = next_batch()
                     if batch is None:
@@ -266,7 +268,9 @@ class ScoringPool:
                 none_up_since = None
             elif none_up_since is None:
                 none_up_since = now
-            if none_up_since is not None and unplaceable is not None and now - none_up_since > 5.0:
+            if (none_up_since is not None and unplaceable is not None and now - none_up_since > 5.0
+                    and now - last_check >= 5.0):
+                last_check = now
                 reason = unplaceable()
                 if reason and now - none_up_since >= placement_timeout:
                     raise ResourcesUnavailable(f"no scorer actor can be placed: {reason}")

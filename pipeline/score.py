@@ -854,6 +854,22 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     return report
 
 
+def fold_result(result: BatchResult, report: ScoreReport, index: RunIndex,
+                progress: Callable[[int, int | None, dict | None], None] | None, pending: int) -> None:
+    """Account for one committed batch: its index rows, the run's counters, the progress display."""
+    index.append(result.index)
+    index.maybe_flush()
+    report.batches += 1
+    node = result.node_id or "?"
+    report.batches_by_node[node] = report.batches_by_node.get(node, 0) + 1
+    report.processed += result.samples
+    report.scored += result.scored
+    report.rows += result.rows
+    report.rejected += result.errors
+    if progress is not None:
+        progress(report.processed, pending, {"rejected": report.rejected})
+
+
 def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: RunIndex, report: ScoreReport,
                    log, progress) -> None:
     """Start Ray and the actors, stream the pending batches, fold each committed batch into ``report``."""
@@ -903,17 +919,7 @@ def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: R
         def on_result(result: BatchResult) -> None:
             if report.first_batch_seconds is None:
                 report.first_batch_seconds = time.perf_counter() - t_start
-            index.append(result.index)
-            index.maybe_flush()
-            report.batches += 1
-            node = result.node_id or "?"
-            report.batches_by_node[node] = report.batches_by_node.get(node, 0) + 1
-            report.processed += result.samples
-            report.scored += result.scored
-            report.rows += result.rows
-            report.rejected += result.errors
-            if progress is not None:
-                progress(report.processed, plan.pending, {"rejected": report.rejected})
+            fold_result(result, report, index, progress, plan.pending)
 
         def unplaceable() -> str | None:
             p = plan_placement(need, 1, cfg.image_cpus, cfg.device)
