@@ -136,7 +136,10 @@ def feedback_parts(run: Path) -> int:
 def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: float, extra: Sequence[str] = ()) -> dict:
     """Start ``rglf score``, time its first committed part, let it run, Ctrl-C it; return the figures."""
     temp = tempfile.mkdtemp(prefix="/tmp/rglf-bj-")
-    cmd = [*RGLF, "score", "--run", str(run), "--num-cpus", str(cpus), "--object-store-mb", "300",
+    from rglf.model.toy import DEFAULT_CHECKPOINT
+
+    cmd = [*RGLF, "score", "--run", str(run), "--model", str(DEFAULT_CHECKPOINT), "--num-cpus", str(cpus),
+           "--object-store-mb", "300",
            "--ray-temp-dir", temp, *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
@@ -175,21 +178,25 @@ def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: fl
     }
 
 
-def synthesize_done(run: Path, fraction: float, batch: int = 16) -> int:
-    """Mark ``fraction`` of the samples done by writing feedback / router-input parts as the scorer would."""
+def synthesize_done(run: Path, fraction: float, batch: int = 16, start_at: int = 0) -> int:
+    """Mark samples ``[start_at, fraction * n)`` done by writing feedback / router-input parts like the scorer's.
+
+    The router features are a few bytes (planning never reads them; the index computes their size
+    from ``n_crops``, ``grid``, ``vision_hidden``); files are written without fsync (a benchmark).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from rglf.model.tables import FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
-    from rglf.pipeline.writer import part_path, write_parquet_atomic
+    from rglf.pipeline.writer import part_path
 
     ids = pq.read_table(run / "samples", columns=["sample_id"]).column("sample_id").to_pylist()
     n = int(len(ids) * fraction)
     levels = (36, 72, 144, 288, 576)
     (run / "feedback").mkdir(parents=True, exist_ok=True)
     (run / "router_inputs").mkdir(parents=True, exist_ok=True)
-    features = bytes(2 * 576 * 64 * 2)
-    for start in range(0, n, batch):
+    features = b"\0" * 8
+    for start in range(start_at - start_at % batch, n, batch):
         chunk = ids[start : start + batch]
         key = f"bench{start:012d}"
         fb = pa.table({
@@ -205,8 +212,8 @@ def synthesize_done(run: Path, fraction: float, batch: int = 16) -> int:
             "vision_hidden": [64] * len(chunk), "vision_features": [features] * len(chunk),
             "instruction_ids": [[1, 2, 3]] * len(chunk), "image_size": [[96, 96]] * len(chunk),
         }, schema=ROUTER_INPUTS_SCHEMA)
-        write_parquet_atomic(ri, part_path(run, "router_inputs", key))
-        write_parquet_atomic(fb, part_path(run, "feedback", key))
+        pq.write_table(ri, part_path(run, "router_inputs", key))
+        pq.write_table(fb, part_path(run, "feedback", key))
     return n
 
 
@@ -260,11 +267,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             idle = "-" if r["idle_share"] is None else f"{100 * r['idle_share']:.0f}%"
             print(f"  {n:>7,}: first committed batch {first}, {rate} samples/s, scheduler idle {idle}, "
                   f"Ctrl-C -> exit {r['exit']} in {r['stop_s']:.1f} s ({r['status']})", flush=True)
+            for sub in ("feedback", "router_inputs", "errors", "index"):
+                shutil.rmtree(run / sub, ignore_errors=True)
+            (run / "run.json").unlink(missing_ok=True)
+            done = 0
             for fraction in (0.0, 0.5, 1.0):
-                for sub in ("feedback", "router_inputs", "errors", "index"):
-                    shutil.rmtree(run / sub, ignore_errors=True)
-                (run / "run.json").unlink(missing_ok=True)
-                synthesize_done(run, fraction)
+                done = synthesize_done(run, fraction, start_at=done)
                 fresh, warm, parts = planning_seconds(run)
                 rows[n][f"plan_{int(fraction * 100)}"] = (fresh, warm)
                 print(f"  {n:>7,}: planning at {100 * fraction:.0f}% done: {warm:.2f} s (index warm), "

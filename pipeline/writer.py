@@ -245,6 +245,66 @@ def _read_part(out: Path, key: str, stat: tuple[int, int] | None) -> pa.Table:
     )
 
 
+def _read_many(out: Path, table: str, keys: list[str], columns: list[str]) -> pa.Table:
+    """``columns`` + ``part`` of many parts of one table, read by one multi-threaded scan."""
+    import pyarrow.dataset as ds
+
+    folder, prefix, _ = TABLES[table]
+    have = _part_keys(out, table) if table != "feedback" else dict.fromkeys(keys)
+    files = [str(part_path(out, table, k)) for k in keys if k in have]
+    fields = [SCHEMAS[table].field(c) for c in columns]
+    if not files:
+        return pa.schema([*fields, pa.field("part", pa.string())]).empty_table()
+    batches, names = [], []
+    try:
+        for tagged in ds.dataset(files, format="parquet").scanner(columns=columns).scan_batches():
+            batches.append(tagged.record_batch)
+            names.append(pa.array([Path(tagged.fragment.path).name[len(prefix) : -len(".parquet")]]
+                                  * tagged.record_batch.num_rows, pa.string()))
+    except Exception as err:  # a committed part must be readable: never skip it silently
+        raise RuntimeError(f"cannot read the committed part files of {Path(out) / folder}: {err}") from err
+    schema = pa.schema([*fields, pa.field("part", pa.string())])
+    if not batches:
+        return schema.empty_table()
+    data = pa.Table.from_batches(batches).append_column("part", pa.chunked_array(names, pa.string()))
+    return data.cast(schema)
+
+
+def _read_parts(out: Path, keys: list[str], listing: dict[str, tuple[int, int] | None]) -> pa.Table:
+    """Index rows of many committed parts (parts the index misses): each file read once, in bulk."""
+    if len(keys) <= 4:
+        return pa.concat_tables([_read_part(out, key, listing.get(key)) for key in keys])
+    fb = _read_many(out, "feedback", keys, ["sample_id", "level_tokens", "n_crops"])
+    ri = _read_many(out, "router_inputs", keys, ["sample_id", "n_crops", "grid", "vision_hidden", "instruction_ids"])
+    er = _read_many(out, "errors", keys, ["sample_id", "code"]).filter(pc.is_valid(pc.field("sample_id")))
+    agg = fb.group_by(["part", "sample_id"]).aggregate([("level_tokens", "list"), ("n_crops", "min")])
+    rb = pa.table({"part": ri.column("part"), "sample_id": ri.column("sample_id"), "router_bytes": router_bytes(ri)})
+
+    def joined(t: pa.Table) -> pa.Array:
+        return pc.binary_join_element_wise(t.column("part"), t.column("sample_id"), "\0")
+
+    key_schema = pa.schema([pa.field("part", pa.string()), pa.field("sample_id", pa.string())])
+    keys_table = pa.concat_tables([t.select(["part", "sample_id"]).cast(key_schema) for t in (agg, rb, er)]).group_by(
+        ["part", "sample_id"]).aggregate([])
+    k = joined(keys_table)
+    at_fb, at_rb, at_er = (pc.index_in(k, value_set=joined(t)) for t in (agg, rb, er))
+    levels = pc.take(agg.column("level_tokens_list"), at_fb)
+    empty = pa.array([[]] * len(k), pa.list_(pa.int32()))
+    parts = keys_table.column("part")
+    stats = [listing.get(p) for p in parts.to_pylist()]
+    return pa.table({
+        "part": parts,
+        "sample_id": keys_table.column("sample_id"),
+        "levels": pc.if_else(pc.is_valid(at_fb), levels, empty),
+        "n_crops": pc.cast(pc.take(agg.column("n_crops_min"), at_fb), pa.int16()),
+        "code": pc.if_else(pc.is_valid(at_er), pc.fill_null(pc.take(er.column("code"), at_er), "rejected"),
+                           pa.scalar(None, pa.string())),
+        "router_bytes": pc.fill_null(pc.take(rb.column("router_bytes"), at_rb), 0),
+        "part_bytes": pa.array([s[0] if s else None for s in stats], pa.int64()),
+        "part_mtime_ns": pa.array([s[1] if s else None for s in stats], pa.int64()),
+    }, schema=INDEX_SCHEMA)
+
+
 def remove_leftovers(out: Path) -> list[str]:
     """Delete ``.*.tmp`` files and router_inputs / errors parts without a feedback part; return their paths."""
     out = Path(out)
@@ -315,7 +375,7 @@ class RunIndex:
         missing = [key for key in sorted(listing) if key not in covered]
         self = cls(out=out, table=index, removed=removed, parts_read=len(missing), segments=segments)
         if missing:
-            self.append(pa.concat_tables([_read_part(out, key, listing[key]) for key in missing]))
+            self.append(_read_parts(out, missing, listing))
         self._dropped = bool(stale_rows)
         if stale_rows or (len(segments) > 1 and missing) or len(segments) > 8:
             self.compact()

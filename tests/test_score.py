@@ -398,3 +398,26 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     assert record["counts"]["feedback_rows"] == len(feedback) and record["counts"]["rejected_samples"] == 8
     assert record["counts"]["ingest_rejected"] == 3 and record["exit_code"] == 3
     assert record["router_inputs"]["bytes_per_sample_mean"] > 0
+
+
+def test_index_rows_read_in_bulk_equal_those_read_part_by_part(tmp_path):
+    from rglf.pipeline.writer import _part_keys, _read_part, _read_parts
+
+    router = pa.Table.from_pylist(
+        [{"sample_id": s, "n_crops": 2, "grid": 3, "vision_hidden": 4, "vision_features": b"\0" * 144,
+          "instruction_ids": [1, 2], "image_size": [9, 9]} for s in ("a0", "a1")], schema=ROUTER_INPUTS_SCHEMA)
+    for k in range(6):
+        ids = [f"{chr(97 + k)}{i}" for i in range(3)]
+        write_batch(tmp_path, f"k{k}", _feedback(ids[:2]), router if k == 0 else ROUTER_INPUTS_SCHEMA.empty_table(),
+                    _errors(ids[2:]) if k % 2 else ERRORS_SCHEMA.empty_table())
+    write_batch(tmp_path, "k9", _feedback([]), ROUTER_INPUTS_SCHEMA.empty_table(), _errors(["z"]))  # all rejected
+    listing = _part_keys(tmp_path, "feedback", with_stat=True)
+
+    def canonical(t: pa.Table) -> list[dict]:
+        return sorted(({**r, "levels": sorted(r["levels"])} for r in t.to_pylist()), key=lambda r: (r["part"], r["sample_id"]))
+
+    one_by_one = pa.concat_tables([_read_part(tmp_path, k, listing[k]) for k in sorted(listing)])
+    assert canonical(_read_parts(tmp_path, sorted(listing), listing)) == canonical(one_by_one)
+    rows = {(r["part"], r["sample_id"]): r for r in one_by_one.to_pylist()}
+    assert rows[("k0", "a0")]["router_bytes"] == 2 * 9 * 4 * 2 + 8 and rows[("k1", "b2")]["code"] == "c"
+    assert rows[("k9", "z")]["levels"] == [] and rows[("k9", "z")]["n_crops"] is None

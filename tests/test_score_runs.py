@@ -196,6 +196,18 @@ def test_planning_reads_each_part_at_most_once_and_only_when_the_index_misses_it
     reads.clear()
     index = RunIndex.load(run)
     assert index.parts_read == 0 and reads.count("feedback") == 0
+    # many parts missing from the index are read in one bulk scan, to the same rows as part by part
+    from rglf.pipeline.writer import _part_keys, _read_part, _read_parts
+
+    listing = _part_keys(run, "feedback", with_stat=True)
+
+    def canonical(t: pa.Table) -> list[dict]:
+        rows = [r | {"levels": sorted(r["levels"])} for r in t.to_pylist()]
+        return sorted(rows, key=lambda r: (r["part"], r["sample_id"]))
+
+    assert len(listing) > 4
+    assert canonical(_read_parts(run, sorted(listing), listing)) == canonical(
+        pa.concat_tables([_read_part(run, k, listing[k]) for k in sorted(listing)]))
     # a part deleted by hand: its samples are pending again
     key = first.name.removeprefix("part-").removesuffix(".parquet")
     gone = set(pq.ParquetFile(first).read(columns=["sample_id"]).column("sample_id").to_pylist())
