@@ -277,7 +277,6 @@ class ScoringPool:
             if now - last_notice >= WAIT_NOTICE_S:
                 last_notice = now
                 self.log(self._waiting_line(now - last_progress))
-        return self.finish()
 
     def _on_ping(self, slot: _Slot, ref) -> None:
         import ray
@@ -316,9 +315,11 @@ class ScoringPool:
                 f" (each needs {want}), starting {states.count('starting')}, restarting {states.count('down')}")
 
     def finish(self) -> PoolStats:
+        """Close the actors' availability windows (idempotent) and return the stats."""
         for slot in self.slots:
             self._set_state(slot, "gone")
             self.stats.actor_seconds += slot.up_seconds
+            slot.up_seconds = 0.0
         return self.stats
 
     def shutdown(self) -> None:

@@ -780,7 +780,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     def stop(status: str, **details: Any) -> None:
         index.flush()
         this_run.update(status=status, finished=_now(), processed=report.processed, scored=report.scored,
-                        rejected=report.rejected, rows=report.rows, batches=report.batches, **details)
+                        rejected=report.rejected, rows=report.rows, batches=report.batches, **_perf(report), **details)
         record["status"] = status
         _record(cfg, record)
 
@@ -832,11 +832,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
         status="complete", finished=_now(), processed=report.processed, scored=report.scored,
         rejected=report.rejected, rows=report.rows, batches=report.batches, seconds=round(report.seconds, 3),
         samples_per_second=round(report.samples_per_second, 3), batches_by_node=report.batches_by_node,
-        removed_leftovers=report.removed_leftovers, duplicates_removed=report.duplicates_removed,
-        planning_seconds=round(report.planning_seconds, 3), parts_indexed=report.parts_indexed,
-        first_batch_seconds=None if report.first_batch_seconds is None else round(report.first_batch_seconds, 3),
-        idle_share=None if report.idle_share is None else round(report.idle_share, 4),
-        images_in_actor=report.images_in_actor, requeued_batches=report.requeued_batches,
+        removed_leftovers=report.removed_leftovers, duplicates_removed=report.duplicates_removed, **_perf(report),
     )
     per_run = ("processed", "scored", "rejected", "rows", "batches", "batches_by_node", "seconds", "planning_seconds",
                "first_batch_seconds", "idle_share", "images_in_actor", "requeued_batches", "parts_indexed")
@@ -870,17 +866,36 @@ def fold_result(result: BatchResult, report: ScoreReport, index: RunIndex,
         progress(report.processed, pending, {"rejected": report.rejected})
 
 
+def _perf(report: ScoreReport) -> dict[str, Any]:
+    """The run's timing figures for its history entry."""
+    return {
+        "planning_seconds": round(report.planning_seconds, 3), "parts_indexed": report.parts_indexed,
+        "first_batch_seconds": None if report.first_batch_seconds is None else round(report.first_batch_seconds, 3),
+        "idle_share": None if report.idle_share is None else round(report.idle_share, 4),
+        "images_in_actor": report.images_in_actor, "requeued_batches": report.requeued_batches,
+    }
+
+
 def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: RunIndex, report: ScoreReport,
                    log, progress) -> None:
     """Start Ray and the actors, stream the pending batches, fold each committed batch into ``report``."""
+    import ray
+
     from .job import ResourcesUnavailable, ScoringPool, connect, plan_placement
 
     verbose = cfg.progress
     t_start = time.perf_counter()
-    started_ray = connect(
-        address=cfg.address, num_cpus=cfg.num_cpus, need_cpus=cfg.workers * cfg.cpus_per_worker + max(cfg.image_cpus, 0.5),
-        object_store_mb=cfg.object_store_mb, temp_dir=cfg.ray_temp_dir, verbose=verbose, log=log,
-    )
+    ours = not ray.is_initialized()  # a Ray we start (even half-way, when Ctrl-C hits ray.init) we shut down
+    try:
+        connect(
+            address=cfg.address, num_cpus=cfg.num_cpus,
+            need_cpus=cfg.workers * cfg.cpus_per_worker + max(cfg.image_cpus, 0.5),
+            object_store_mb=cfg.object_store_mb, temp_dir=cfg.ray_temp_dir, verbose=verbose, log=log,
+        )
+    except BaseException:
+        if ours and ray.is_initialized():
+            ray.shutdown()
+        raise
     remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
     need = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **cfg.worker_resources}
     pool = None
@@ -925,14 +940,13 @@ def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: R
             p = plan_placement(need, 1, cfg.image_cpus, cfg.device)
             return None if p.actors else p.detail
 
-        stats = pool.run(pending_batches(plan, cfg.batch_size, list(ladder.tokens)), on_result,
-                         unplaceable=unplaceable, placement_timeout=cfg.placement_timeout if remote else 0.0)
-        report.idle_share = stats.idle_share
-        report.requeued_batches = stats.requeued
+        pool.run(pending_batches(plan, cfg.batch_size, list(ladder.tokens)), on_result,
+                 unplaceable=unplaceable, placement_timeout=cfg.placement_timeout if remote else 0.0)
     finally:
         if pool is not None:
+            stats = pool.finish()  # also on Ctrl-C: the interrupted run records its figures too
+            report.idle_share = stats.idle_share
+            report.requeued_batches = stats.requeued
             pool.shutdown()
-        if started_ray:
-            import ray
-
+        if ours:
             ray.shutdown()

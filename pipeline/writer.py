@@ -390,9 +390,12 @@ class RunIndex:
         if rows.num_rows:
             self._pending.append(rows.cast(INDEX_SCHEMA))
 
-    def maybe_flush(self, every_s: float = 30.0, max_rows: int = 50_000) -> None:
+    def maybe_flush(self, every_s: float = 30.0, max_rows: int = 50_000, max_segments: int = 64) -> None:
+        """Flush every ``every_s`` seconds (or ``max_rows``); compact once ``max_segments`` accumulate."""
         if sum(t.num_rows for t in self._pending) >= max_rows or time.monotonic() - self._last_flush >= every_s:
             self.flush()
+            if len(self.segments) > max_segments:
+                self.compact()
 
     def flush(self) -> None:
         """Write the appended rows as one new segment."""
@@ -409,7 +412,7 @@ class RunIndex:
     def compact(self) -> None:
         """Replace every segment by one holding the whole (de-duplicated) index (no-op when already one)."""
         self.flush()
-        if len(self.segments) == 1 and not self._dropped:
+        if len(self.segments) <= 1 and not self._dropped and (self.segments or not self.table.num_rows):
             return
         self._dropped = False
         self.table = _unique_rows(self.table) if self.table.num_rows else self.table
