@@ -2,8 +2,8 @@
 
 The engine itself is benchmarked by ``bench/bench_score.py``; this one measures what is around
 it (issue 15). For each size (default 1k, 100k and 665k synthetic LLaVA records: a handful of
-small toy images, 2-6-turn conversations, ~360 bytes of JSON per record like
-``llava_v1_5_mix665k.json``):
+small toy images, 2-6-turn conversations, ~290 bytes of JSON per record (~360 in
+``llava_v1_5_mix665k.json``)):
 
 1. **ingest**: ``rglf ingest`` in its own process; wall time and peak RSS (``VmHWM``). The
    peak should not grow with the file (goal: 66k vs 665k within 20%).
@@ -56,7 +56,7 @@ def write_records(out: Path, n: int, *, n_images: int = 8, seed: int = 0, jsonl:
     """``out/data.json`` (or ``.jsonl``): ``n`` LLaVA records over ``n_images`` toy images in ``out/images/``.
 
     Each record has 2, 4 or 6 turns (1-3 question/answer pairs) about its image, in the toy's
-    vocabulary, ~360 bytes of JSON on average. Written incrementally (memory independent of ``n``).
+    vocabulary, ~290 bytes of JSON on average. Written incrementally (memory independent of ``n``).
     """
     from rglf.model.toy.task import families_for, question_answer, render, sample_scene
 

@@ -334,18 +334,20 @@ def plan_run(run_dir: Path, index: RunIndex, levels: list[int], log: Callable[[s
     if not files:
         raise MissingSamples(f"{samples_dir}: no samples. Run `rglf ingest DATA.json --image-root DIR --run {run_dir}` first")
     done, partial = index.done(levels)
+    tables = [pq.ParquetFile(f).read(columns=["sample_id", "image_root"]) for f in files]
+    ids = pa.chunked_array([t.column("sample_id").combine_chunks() for t in tables], pa.string())
+    everything = np.ones(len(ids), dtype=bool) if len(done) == 0 else ~np.asarray(
+        pc.is_in(ids, value_set=done).to_numpy(zero_copy_only=False), dtype=bool)
     masks, roots = [], set()
-    total = pending = 0
-    for f in files:
-        t = pq.read_table(f, columns=["sample_id", "image_root"])
-        mask = np.ones(t.num_rows, dtype=bool) if len(done) == 0 else ~np.asarray(
-            pc.is_in(t.column("sample_id"), value_set=done).to_numpy(zero_copy_only=False), dtype=bool)
+    offset = 0
+    for t in tables:
+        mask = everything[offset : offset + t.num_rows]
+        offset += t.num_rows
         masks.append(mask)
-        total += t.num_rows
-        pending += int(mask.sum())
         if mask.any():
             pending_roots = t.column("image_root").filter(pa.array(mask))
             roots.update(r for r in pc.unique(pending_roots).to_pylist() if r is not None)
+    total, pending = len(ids), int(everything.sum())
     image_roots = {}
     for root in sorted(roots):
         absolute = os.path.abspath(root)

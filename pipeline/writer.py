@@ -305,28 +305,46 @@ def _read_parts(out: Path, keys: list[str], listing: dict[str, tuple[int, int] |
     }, schema=INDEX_SCHEMA)
 
 
-def remove_leftovers(out: Path) -> list[str]:
-    """Delete ``.*.tmp`` files and router_inputs / errors parts without a feedback part; return their paths."""
+def _scan(folder: Path, prefix: str, *, with_stat: bool) -> tuple[dict[str, tuple[int, int] | None], list[Path]]:
+    """One directory listing: ({part key: (size, mtime_ns) or None}, hidden ``.*.tmp`` files)."""
+    keys: dict[str, tuple[int, int] | None] = {}
+    tmps: list[Path] = []
+    if not folder.is_dir():
+        return keys, tmps
+    with os.scandir(folder) as entries:
+        for e in entries:
+            name = e.name
+            if name.startswith(prefix) and name.endswith(".parquet"):
+                st = e.stat() if with_stat else None
+                keys[name[len(prefix) : -len(".parquet")]] = (st.st_size, st.st_mtime_ns) if st else None
+            elif name.startswith(".") and name.endswith(".tmp"):
+                tmps.append(folder / name)
+    return keys, tmps
+
+
+def remove_leftovers(out: Path) -> tuple[list[str], dict[str, tuple[int, int] | None]]:
+    """Delete ``.*.tmp`` files and router_inputs / errors parts without a feedback part.
+
+    Returns (the deleted paths, the committed feedback parts with their (size, mtime_ns)).
+    """
     out = Path(out)
-    removed = []
-    for table in TABLES:
-        folder = out / TABLES[table][0]
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-                removed.append(str(tmp))
-    index = out / INDEX_DIR
-    if index.is_dir():
-        for tmp in index.glob(".*.tmp"):
+    removed: list[str] = []
+    listings = {}
+    for table, (folder, prefix, _) in TABLES.items():
+        listings[table], tmps = _scan(out / folder, prefix, with_stat=table == "feedback")
+        for tmp in tmps:
             tmp.unlink(missing_ok=True)
-    committed = _part_keys(out, "feedback")
+            removed.append(str(tmp))
+    for tmp in _scan(out / INDEX_DIR, "seg-", with_stat=False)[1]:
+        tmp.unlink(missing_ok=True)
+    committed = listings["feedback"]
     for table in ("router_inputs", "errors"):
-        for key in _part_keys(out, table):
+        for key in listings[table]:
             if key not in committed:
                 path = part_path(out, table, key)
                 path.unlink(missing_ok=True)
                 removed.append(str(path))
-    return removed
+    return removed, committed
 
 
 @dataclass
@@ -348,31 +366,37 @@ class RunIndex:
     def load(cls, out: Path, *, clean: bool = True) -> RunIndex:
         """Clean leftovers (``clean``), read the index, index the parts it misses, drop rows of vanished parts."""
         out = Path(out)
-        removed = remove_leftovers(out) if clean else []
-        listing = _part_keys(out, "feedback", with_stat=True)
+        if clean:
+            removed, listing = remove_leftovers(out)
+        else:
+            removed, listing = [], _part_keys(out, "feedback", with_stat=True)
         folder = out / INDEX_DIR
         segments = sorted(folder.glob("seg-*.parquet")) if folder.is_dir() else []
         tables = []
         for seg in segments:
             try:
-                tables.append(pq.read_table(seg, schema=INDEX_SCHEMA))
+                tables.append(pq.ParquetFile(seg).read().cast(INDEX_SCHEMA))
             except Exception:  # noqa: BLE001 -- a cache: an unreadable segment is rebuilt from the parts
                 pass
-        index = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+        index = _last_segment_wins(tables)
         stale_rows = 0
-        if index.num_rows:
-            index = _unique_rows(index)
-            keys = pa.array(list(listing), pa.string())
-            listed_bytes = pa.array([st[0] for st in listing.values()], pa.int64())
-            listed_mtime = pa.array([st[1] for st in listing.values()], pa.int64())
-            at = pc.index_in(index.column("part"), value_set=keys)
-            ok = pc.and_(pc.equal(index.column("part_bytes"), pc.take(listed_bytes, at)),
-                         pc.equal(index.column("part_mtime_ns"), pc.take(listed_mtime, at)))
-            valid = index.filter(pc.fill_null(ok, False))
+        covered: set[str] = set()
+        if index.num_rows:  # validate per part (one hash pass over the rows), not per row
+            import numpy as np
+
+            encoded = pc.dictionary_encode(index.column("part")).combine_chunks()
+            parts = encoded.dictionary.to_pylist()
+            codes = np.asarray(encoded.indices)
+            _, first = np.unique(codes, return_index=True)
+            sizes = np.asarray(index.column("part_bytes").fill_null(-1))[first]
+            mtimes = np.asarray(index.column("part_mtime_ns").fill_null(-1))[first]
+            ok_part = np.array([listing.get(p) == (int(b), int(m)) for p, b, m in zip(parts, sizes, mtimes, strict=True)],
+                               dtype=bool)
+            valid = index.filter(pa.array(ok_part[codes]))
             stale_rows = index.num_rows - valid.num_rows
             index = valid.cast(INDEX_SCHEMA)
-        covered = set(pc.unique(index.column("part")).to_pylist()) if index.num_rows else set()
-        missing = [key for key in sorted(listing) if key not in covered]
+            covered = {p for p, ok in zip(parts, ok_part, strict=True) if ok}
+        missing = sorted(set(listing) - covered)
         self = cls(out=out, table=index, removed=removed, parts_read=len(missing), segments=segments)
         if missing:
             self.append(_read_parts(out, missing, listing))
@@ -415,7 +439,6 @@ class RunIndex:
         if len(self.segments) <= 1 and not self._dropped and (self.segments or not self.table.num_rows):
             return
         self._dropped = False
-        self.table = _unique_rows(self.table) if self.table.num_rows else self.table
         path = self._new_segment_path()
         write_parquet_atomic(self.table, path)
         for old in self.segments:
@@ -445,29 +468,36 @@ class RunIndex:
     def done(self, levels: Iterable[int]) -> tuple[pa.Array, dict[str, list[int]]]:
         """(ids of samples with nothing left to do, {sample: missing levels} of partially scored ones).
 
-        A sample is done when every wanted level is in feedback or it was rejected.
+        A sample is done when every wanted level is in feedback or it was rejected. Vectorised:
+        a row (one part's levels of a sample) holding every wanted level settles its sample; only
+        the rare samples spread over several parts (or missing levels) are merged in Python.
         """
+        import numpy as np
+
         wanted = sorted(set(levels))
         rows = self.all_rows()
         if rows.num_rows == 0:
             return pa.array([], pa.string()), {}
-        rejected = pc.unique(rows.filter(pc.is_valid(rows.column("code"))).column("sample_id"))
-        flat = pa.table({
-            "sample_id": pc.take(rows.column("sample_id"), pc.list_parent_indices(rows.column("levels"))),
-            "level": pc.list_flatten(rows.column("levels")),
-        })
-        flat = flat.filter(pc.is_in(flat.column("level"), pa.array(wanted, pa.int32())))
-        counts = flat.group_by("sample_id").aggregate([("level", "count_distinct"), ("level", "list")])
-        complete = pc.equal(counts.column("level_count_distinct"), len(wanted))
-        done = pc.unique(pa.concat_arrays([rejected.cast(pa.string()),
-                                           counts.filter(complete).column("sample_id").combine_chunks()]))
-        partial: dict[str, list[int]] = {}
-        rejected_set = set(rejected.to_pylist())
-        for sid, have in zip(counts.filter(pc.invert(complete)).column("sample_id").to_pylist(),
-                             counts.filter(pc.invert(complete)).column("level_list").to_pylist(), strict=True):
-            if sid not in rejected_set:
-                partial[sid] = sorted(set(wanted) - set(have))
-        return done, partial
+        ids = rows.column("sample_id").combine_chunks()
+        lv = rows.column("levels").combine_chunks()
+        hits = np.asarray(pc.is_in(pc.list_flatten(lv), value_set=pa.array(wanted, pa.int32())), dtype=bool)
+        parents = np.asarray(pc.list_parent_indices(lv))
+        per_row = np.bincount(parents[hits], minlength=rows.num_rows)
+        rejected = np.asarray(pc.is_valid(rows.column("code")), dtype=bool)
+        settled = (per_row >= len(wanted)) | rejected
+        done = ids.filter(pa.array(settled))
+        partial: dict[str, set[int]] = {}
+        rest = np.nonzero(~settled)[0]
+        if len(rest):
+            done_set = set(done.to_pylist())
+            for sid, have in zip(ids.take(pa.array(rest)).to_pylist(), lv.take(pa.array(rest)).to_pylist(), strict=True):
+                if sid not in done_set:
+                    partial.setdefault(sid, set()).update(have)
+        complete = [sid for sid, have in partial.items() if set(wanted) <= have]
+        if complete:
+            done = pa.concat_arrays([done, pa.array(complete, pa.string())])
+        missing = {sid: sorted(set(wanted) - have) for sid, have in partial.items() if not set(wanted) <= have}
+        return done, missing
 
     def counts(self) -> dict[str, Any]:
         """Whole-folder counts: feedback rows, scored / rejected samples (by code), router rows and bytes."""
@@ -560,15 +590,22 @@ def _stat(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _unique_rows(index: pa.Table) -> pa.Table:
-    """One row per (part, sample_id): the LAST one (a later segment re-indexed the part)."""
-    if index.num_rows == 0:
-        return index
-    numbered = index.append_column("_row", pa.array(range(index.num_rows), pa.int64()))
-    last = numbered.group_by(["part", "sample_id"]).aggregate([("_row", "max")]).column("_row_max").combine_chunks()
-    if len(last) == index.num_rows:
-        return index
-    return index.take(pc.take(last, pc.sort_indices(last)))
+def _last_segment_wins(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate index segments, keeping each part's rows from the LAST segment that holds the part.
+
+    A part's rows are always written together (one batch, or one re-read of its files), so
+    de-duplicating by part is enough; a single segment (the usual case) is returned as is.
+    """
+    if not tables:
+        return INDEX_SCHEMA.empty_table()
+    kept = [tables[-1]]
+    seen = pc.unique(tables[-1].column("part"))
+    for table in reversed(tables[:-1]):
+        fresh = table.filter(pc.invert(pc.is_in(table.column("part"), value_set=seen)))
+        if fresh.num_rows:
+            kept.append(fresh)
+            seen = pa.concat_arrays([seen, pc.unique(fresh.column("part"))])
+    return pa.concat_tables(list(reversed(kept))) if len(kept) > 1 else kept[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -278,3 +278,28 @@ def test_impossible_resources_fail_fast_with_one_line(run, tiny_ckpt):
         assert json.loads((run / "run.json").read_text())["history"][-1]["status"] == "failed"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_pool_that_cannot_place_its_actors_says_so_and_fails_in_bounded_time(monkeypatch):
+    """What the driver does when the cluster loses (or never had) room for any scorer actor."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="/tmp/rglf-ray-")
+    monkeypatch.setattr(job, "WAIT_NOTICE_S", 1.0)
+    lines: list[str] = []
+    ray.init(num_cpus=1, object_store_memory=80 * 2**20, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = job.ScoringPool(
+            score_module.ScorerActor, {}, score_module.load_images_quietly, {}, workers=1, cpus_per_worker=1,
+            gpus_per_worker=0, worker_resources={"gone_node_slot": 1}, image_cpus=0.5, images_in_actor=False,
+            log=lines.append,
+        )
+        with pytest.raises(job.ResourcesUnavailable, match="no scorer actor can be placed: the node is gone"):
+            pool.run(iter([pa.table({"x": [1]})]), on_result=lambda _: None,
+                     unplaceable=lambda: "the node is gone", placement_timeout=3.0)
+        assert any(line.startswith("waiting: nothing committed for") and "up 0/1" in line for line in lines), lines
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
