@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance.")
     parser.add_argument("--score-seconds", type=float, default=60.0, help="Scoring time after the first batch.")
     parser.add_argument("--timeout", type=float, default=600.0, help="Give up waiting for a first batch after this.")
+    parser.add_argument("--rounds", type=int, default=2, help="Scoring measurements per size, interleaved.")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     args = parser.parse_args(list(argv) if argv is not None else None)
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -258,15 +259,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows[n] = {"ingest_s": seconds, "ingest_rss_mb": peak, "json_mb": data.stat().st_size / 2**20}
             print(f"  {n:>7,} records ({rows[n]['json_mb']:.0f} MB JSON): ingest {seconds:.1f} s, peak RSS {peak:.0f} MiB",
                   flush=True)
+        # scoring: the sizes in turn, ``--rounds`` times (a shared machine's load drifts: each size
+        # sees every phase of it); figures are the means over the rounds
+        for rnd in range(args.rounds):
+            for n in sizes:
+                r = score_until(work / f"run-{n}", cpus=args.cpus, seconds_after_first=args.score_seconds,
+                                timeout=args.timeout)
+                rows[n].setdefault("rounds", []).append(r)
+                rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}"
+                first = "none" if r["first_batch_s"] is None else f"{r['first_batch_s']:.1f} s"
+                idle = "-" if r["idle_share"] is None else f"{100 * r['idle_share']:.0f}%"
+                print(f"  {n:>7,} (round {rnd + 1}): first committed batch {first}, {rate} samples/s, scheduler idle "
+                      f"{idle}, Ctrl-C -> exit {r['exit']} in {r['stop_s']:.1f} s ({r['status']}; load "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+        for n in sizes:
+            for key in ("first_batch_s", "samples_per_s", "idle_share"):
+                values = [r[key] for r in rows[n]["rounds"] if r[key] is not None]
+                rows[n][key] = sum(values) / len(values) if values else None
         for n in sizes:
             run = work / f"run-{n}"
-            r = score_until(run, cpus=args.cpus, seconds_after_first=args.score_seconds, timeout=args.timeout)
-            rows[n].update(r)
-            rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}"
-            first = "none" if r["first_batch_s"] is None else f"{r['first_batch_s']:.1f} s"
-            idle = "-" if r["idle_share"] is None else f"{100 * r['idle_share']:.0f}%"
-            print(f"  {n:>7,}: first committed batch {first}, {rate} samples/s, scheduler idle {idle}, "
-                  f"Ctrl-C -> exit {r['exit']} in {r['stop_s']:.1f} s ({r['status']})", flush=True)
             for sub in ("feedback", "router_inputs", "errors", "index"):
                 shutil.rmtree(run / sub, ignore_errors=True)
             (run / "run.json").unlink(missing_ok=True)
