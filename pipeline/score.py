@@ -734,6 +734,9 @@ def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print,
     ``log`` gets informational lines and the final summary; ``progress(done, total, fields)`` is
     called after every committed batch (``done`` / ``total``: samples of this run).
     """
+    if not (cfg.run_dir / "samples").is_dir():  # before the lock: a mistyped --run creates no folder
+        raise MissingSamples(f"{cfg.run_dir / 'samples'}: no samples. Run `rglf ingest DATA.json --image-root DIR "
+                             f"--run {cfg.run_dir}` first")
     lock = RunLock.acquire(cfg.run_dir, "rglf score")
     try:
         if lock.previous:
@@ -745,9 +748,6 @@ def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print,
 
 def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     started = _now()
-    if not (cfg.run_dir / "samples").is_dir():
-        raise MissingSamples(f"{cfg.run_dir / 'samples'}: no samples. Run `rglf ingest DATA.json --image-root DIR "
-                             f"--run {cfg.run_dir}` first")
     model_id, ladder = resolve_model(cfg.model, cfg.ladder)
     previous = prepare_output(cfg, model_id, ladder, log)
     t_plan = time.perf_counter()

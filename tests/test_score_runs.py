@@ -303,3 +303,17 @@ def test_a_pool_that_cannot_place_its_actors_says_so_and_fails_in_bounded_time(m
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_an_empty_samples_table_is_a_warning_and_exit_3(tmp_path, tiny_ckpt):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(empty), "--image-root", str(tmp_path), "--run", str(tmp_path / "run")])
+    assert result.exit_code == 3, result.output
+    result = runner.invoke(app, ["score", "--run", str(tmp_path / "run"), "--model", str(tiny_ckpt)])
+    assert result.exit_code == 3, result.output
+    assert "the samples table is empty" in result.output
+    result = runner.invoke(app, ["score", "--run", str(tmp_path / "nothing"), "--model", str(tiny_ckpt)])
+    assert result.exit_code == 4 and "Run `rglf ingest" in result.output  # score before ingest
+    assert not (tmp_path / "nothing").exists()
