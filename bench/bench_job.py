@@ -141,12 +141,13 @@ def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: fl
     cmd = [*RGLF, "score", "--run", str(run), "--model", str(DEFAULT_CHECKPOINT), "--num-cpus", str(cpus),
            "--object-store-mb", "300",
            "--ray-temp-dir", temp, *extra]
+    before = feedback_parts(run)  # a resumed run (a later round) counts only its own new parts
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
     first = None
     try:
         while proc.poll() is None and time.perf_counter() - start < timeout:
-            if first is None and feedback_parts(run):
+            if first is None and feedback_parts(run) > before:
                 first = time.perf_counter() - start
                 parts_at_first = feedback_parts(run)
             if first is not None and time.perf_counter() - start - first >= seconds_after_first:
