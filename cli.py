@@ -1030,10 +1030,14 @@ def demo_cmd(
           if (model / "stage1_report.json").exists() else str(model))
     if not (run / "samples").exists():
         splits = [data / f"{s}.json" for s in ("train", "val", "test")]
-        run_ingest(IngestConfig(inputs=splits, image_root=data, out=run), log=lambda m: stage("ingest", m))
+        with ui.progress("ingest", unit="MiB") as bar:
+            run_ingest(IngestConfig(inputs=splits, image_root=data, out=run), log=lambda m: stage("ingest", m),
+                       progress=bar)
     else:
         stage("ingest", f"reusing {run / 'samples'}")
-    run_score(ScoreConfig(run_dir=run, model=model, workers=workers, progress=False), log=lambda m: stage("score", m))
+    with ui.progress("score") as bar:
+        run_score(ScoreConfig(run_dir=run, model=model, workers=workers, progress=verbose),
+                  log=lambda m: stage("score", m), progress=bar)
     with ui.progress("rank", unit="steps") as bar:
         report = run_rank(RankConfig(feedback=run, out=rank), progress=bar)
     stage("rank", f"{report['tables']['rankings']['rows']:,} rankings, {report['tables']['pairs']['rows']:,} pairs -> {rank}")
