@@ -101,30 +101,26 @@ def _env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[float, float, int]:
-    """(seconds, peak RSS MiB, exit code) of a command, from its own ``/proc/<pid>/status`` VmHWM, sampled."""
+def peak_rss_mb(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(seconds, peak RSS MiB, exit code, stderr tail) of a command: its exact ``ru_maxrss`` from ``wait4``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    peak = 0
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return time.perf_counter() - start, peak / 1024, proc.returncode
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip()[-500:]
+    return seconds, usage.ru_maxrss / 1024, proc.returncode, tail
 
 
 def ingest(data: Path, run: Path) -> tuple[float, float]:
     """``rglf ingest`` in its own process: (seconds, peak RSS MiB)."""
     shutil.rmtree(run, ignore_errors=True)
     cmd = [*RGLF, "ingest", str(data), "--image-root", str(data.parent), "--run", str(run), "--quiet"]
-    seconds, peak, code = peak_rss_mb(cmd)
+    seconds, peak, code, tail = peak_rss_mb(cmd)
     if code != 0:
-        raise RuntimeError(f"ingest failed ({code}): {' '.join(cmd)}")
+        raise RuntimeError(f"ingest failed ({code}): {' '.join(cmd)}\n{tail}")
     return seconds, peak
 
 
@@ -144,17 +140,18 @@ def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: fl
     before = feedback_parts(run)  # a resumed run (a later round) counts only its own new parts
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
-    first = None
+    first = latest = None  # seconds from the start to the first / the latest new part seen
+    parts = parts_at_first = before
     try:
         while proc.poll() is None and time.perf_counter() - start < timeout:
-            if first is None and feedback_parts(run) > before:
-                first = time.perf_counter() - start
-                parts_at_first = feedback_parts(run)
+            now_parts = feedback_parts(run)
+            if now_parts > parts:
+                parts, latest = now_parts, time.perf_counter() - start
+                if first is None:
+                    first, parts_at_first = latest, now_parts
             if first is not None and time.perf_counter() - start - first >= seconds_after_first:
                 break
             time.sleep(0.05)
-        parts = feedback_parts(run)
-        window = time.perf_counter() - start - (first or 0.0)
         interrupted = time.perf_counter()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
@@ -170,8 +167,10 @@ def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: fl
         shutil.rmtree(temp, ignore_errors=True)
     record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     last = (record.get("history") or [{}])[-1]
+    # steady rate: the parts committed after the first one, over the time between the first and the
+    # last one seen (a run that finishes inside the window is not charged its end-of-job work)
     batch = 16
-    rate = (parts - parts_at_first) * batch / window if first is not None and window > 0 else None
+    rate = (parts - parts_at_first) * batch / (latest - first) if first is not None and latest > first else None
     return {
         "first_batch_s": first, "samples_per_s": rate, "idle_share": last.get("idle_share"),
         "planning_s": last.get("planning_seconds"), "exit": proc.returncode, "stop_s": stop_s,
@@ -250,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     work = Path(args.work or tempfile.mkdtemp(prefix="rglf-bench-job-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"bench_job: sizes {sizes}, {args.cpus} CPUs, {args.score_seconds:.0f} s of scoring each; work folder {work}")
+    print(f"bench_job: sizes {sizes}, {args.cpus} CPUs, {args.score_seconds:.0f} s of scoring each; work folder {work}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     try:
         rows = {}
         for n in sorted(set(sizes) | set(rss_sizes)):
@@ -300,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             plans = "/".join(f"{r[f'plan_{p}'][1]:.2f}" for p in (0, 50, 100))
             print(f"{n:>7,}   {fb or float('nan'):>8.1f} s  {ratio:>6}  {sps or float('nan'):>9.2f}  {sratio:>6}   "
                   f"{100 * (r.get('idle_share') or 0):>3.0f}%   {plans:>20} s   {r['ingest_rss_mb']:>6.0f} MiB")
+        print(f"(load average at the end {os.getloadavg()[0]:.1f}, 15-minute {os.getloadavg()[2]:.1f})")
         if len(rss_sizes) == 2:
             a, b = (rows[n]["ingest_rss_mb"] for n in rss_sizes)
             print(f"ingest peak RSS {rss_sizes[0]:,} vs {rss_sizes[1]:,} records: {a:.0f} vs {b:.0f} MiB "
