@@ -139,7 +139,11 @@ def score_until(run: Path, *, cpus: int, seconds_after_first: float, timeout: fl
            "--ray-temp-dir", temp, *extra]
     before = feedback_parts(run)  # a resumed run (a later round) counts only its own new parts
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+    # SIGINT back to its default in the child: a benchmark started in the background of a
+    # non-interactive shell (`nohup ... &`) inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler -- the Ctrl-C below would be lost and the run go on to the end
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = latest = None  # seconds from the start to the first / the latest new part seen
     parts = parts_at_first = before
     try:
