@@ -45,8 +45,10 @@ def score_then_ctrl_c(run: Path, ray_temp: str, *, batches: int = 1, extra: tupl
            "--object-store-mb", "300", "--ray-temp-dir", ray_temp, *extra]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     start = time.monotonic()
+    # SIGINT's default handler in the child: under a backgrounded `make test` (`nohup ... &`) it inherits
+    # SIGINT ignored, and the Ctrl-C below would be lost
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = None
     try:
         while len(part_files(run, "feedback")) < before + batches:
