@@ -98,18 +98,20 @@ def __dir__() -> list[str]:
 # ---- the stages ------------------------------------------------------------------------------
 
 
-def ingest(config: IngestConfig, *, log=None) -> IngestReport:
-    """``rglf ingest``: LLaVA-format files -> ``config.out/samples`` (+ ``errors/``)."""
+def ingest(config: IngestConfig, *, log=None, progress=None) -> IngestReport:
+    """``rglf ingest``: LLaVA-format files -> ``config.out/samples`` (+ ``errors/``), read incrementally;
+    ``progress(done, total, fields)`` gets MiB read of the inputs' total."""
     from rglf.pipeline.ingest import run_ingest
 
-    return run_ingest(config, log=log or logger.info)
+    return run_ingest(config, log=log or logger.info, progress=progress)
 
 
-def score(config: ScoreConfig, *, log=None) -> ScoreReport:
-    """``rglf score``: the Ray Data scoring job over ``config.run_dir/samples``; resumable."""
+def score(config: ScoreConfig, *, log=None, progress=None) -> ScoreReport:
+    """``rglf score``: the streaming Ray scoring job over ``config.run_dir/samples``; resumable, one writer per
+    run folder; ``progress(done, total, fields)`` gets the samples committed of this run's pending total."""
     from rglf.pipeline.score import run_score
 
-    return run_score(config, log=log or logger.info)
+    return run_score(config, log=log or logger.info, progress=progress)
 
 
 def rank(config: RankConfig, *, progress=None) -> dict[str, Any]:

@@ -182,14 +182,18 @@ def error_message(err: BaseException) -> str:
         return f"{where}{err.strerror.lower()}{'. ' + hint if hint else ''}"
     return str(err) or type(err).__name__
 
+
 class Interrupted(Exception):
     """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
 
     exit_code = 130
 
 
-def _interrupted_message() -> str:
-    """The one line Ctrl-C prints: what is kept and what a rerun does (the command's ``on_interrupt``)."""
+def _interrupted_message(err: KeyboardInterrupt | None = None) -> str:
+    """The one line Ctrl-C prints: what is kept and what a rerun does -- the stage's own message (a
+    ``KeyboardInterrupt`` subclass with text, e.g. the scoring job's), else the command's ``on_interrupt``."""
+    if err is not None and str(err):
+        return f"{_state['command']}: {err}"
     hint = _state.get("on_interrupt")
     try:
         text = hint() if callable(hint) else None
@@ -205,8 +209,8 @@ class RglfGroup(TyperGroup):
     def invoke(self, ctx):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise Interrupted(_interrupted_message()) from None
+        except KeyboardInterrupt as e:  # typer's main would turn Ctrl-C into a silent exit 130
+            raise Interrupted(_interrupted_message(e)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:
@@ -224,8 +228,8 @@ class RglfGroup(TyperGroup):
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "rglf"
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
-        except KeyboardInterrupt:  # outside a command (typer turns one inside into a silent Exit(130): see invoke)
-            _error_line(_interrupted_message())
+        except KeyboardInterrupt as e:  # outside a command (typer turns one inside into a silent Exit(130): see invoke)
+            _error_line(_interrupted_message(e))
             code = 130
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
             found = expected_failure(e)
@@ -341,6 +345,7 @@ class StageProgress:
         self._start = 0.0
         self._last_line: float | None = None  # when the last line was printed (None: never)
         self._printed: tuple[int, int | None] | None = None
+        self._first: tuple[float, int] | None = None  # (time, done) of the first update with done > 0
         self._state: tuple[int, int | None, dict[str, Any]] | None = None
 
     def __enter__(self) -> StageProgress:
@@ -373,18 +378,27 @@ class StageProgress:
             self._last_line = now
             self._line(done, total, rate, extra)
 
+    def _speed(self, done: int) -> float | None:
+        """Units per second since the first unit was done (start-up time -- Ray, model loading -- excluded)."""
+        now = time.perf_counter()
+        if done and self._first is None:
+            self._first = (now, done)
+        if self._first is not None and done > self._first[1] and now > self._first[0]:
+            return (done - self._first[1]) / (now - self._first[0])
+        return None
+
     def _rate(self, done: int) -> str:
-        elapsed = time.perf_counter() - self._start
-        return f"{done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and done else ""
+        speed = self._speed(done)
+        return f"{speed:.1f} {self.unit}/s" if speed else ""
 
     def _line(self, done: int, total: int | None, rate: str, extra: str) -> None:
         self._printed = (done, total)
         of = f"/{total:,}" if total is not None else ""
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         eta = ""
-        elapsed = time.perf_counter() - self._start
-        if total and done and done < total:
-            eta = f", ETA {int((total - done) * elapsed / done)} s"
+        speed = self._speed(done)
+        if total and speed and done < total:
+            eta = f", ETA {int((total - done) / speed)} s"
         parts = [p for p in (rate, extra) if p]
         print(f"{self.label}: {done:,}{of} {self.unit}{pct}" + (f", {', '.join(parts)}" if parts else "") + eta,
               file=self.stream, flush=True)
@@ -649,7 +663,12 @@ def ingest_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Validate LLaVA-format conversations into a samples table; invalid records go to errors/ (exit 3 if any)."""
+    """Validate LLaVA-format conversations into a samples table; invalid records go to errors/ (exit 3 if any).
+
+    Reads JSON lists, JSONL or JSON objects incrementally (memory does not grow with the file). Exit status: 0 all
+    kept, 3 some rejected or no records at all, 2 refused (unreadable file, samples exist without --force),
+    6 run folder locked, 130 interrupted (nothing replaced).
+    """
     ui = Output("ingest", quiet, verbose)
     from rglf.pipeline.ingest import IngestConfig, run_ingest
 
@@ -664,7 +683,10 @@ def ingest_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = run_ingest(cfg, log=ui.summary)
+    with ui.progress("ingest", unit="MiB") as bar:
+        report = run_ingest(cfg, log=ui.log, progress=bar)
+    if ui.quiet:
+        ui.summary(report.summary())
     raise typer.Exit(report.exit_code)
 
 
@@ -688,8 +710,12 @@ def score_cmd(
     max_batch_tokens: Annotated[int, typer.Option(help="Token budget (sequences x length) per forward pass.")] = 2048,
     max_batch_size: Annotated[int, typer.Option(help="Most sequences per forward pass.")] = 64,
     encode_batch: Annotated[int, typer.Option(help="Images per vision-tower pass.")] = 16,
-    max_aspect: Annotated[float, typer.Option(help="Reject images more elongated than this (long/short side).")] = 20.0,
-    min_side: Annotated[int, typer.Option(help="Reject images with a side shorter than this (px).")] = 10,
+    max_aspect: Annotated[
+        float | None,
+        typer.Option(help="Reject images more elongated than this (long/short side). Default: what the checkpoint's "
+                          "preprocessing handles (no limit for LLaVA-NeXT)."),
+    ] = None,
+    min_side: Annotated[int, typer.Option(help="Reject images with a side shorter than this (px; default 1: none).")] = 1,
     image_cpus: Annotated[float, typer.Option(help="CPUs per image-loading task.")] = 0.5,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a local instance).")
@@ -702,11 +728,13 @@ def score_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Score every sample's answer NLL at every level with the frozen LMM (Ray Data); resumable.
+    """Score every sample's answer NLL at every level with the frozen LMM (Ray); resumable.
 
-    Writes RUN/feedback, router_inputs, errors/score-*, router_side, run.json and score.toml (the options, for --config); a rerun skips what is done.
+    Writes RUN/feedback, router_inputs, errors/score-*, router_side, index, run.json and score.toml (the options, for --config); a rerun skips what is
+    done. One writer per run folder.
 
-    Exit status: 0 all scored, 3 some inputs rejected, 2 refused (another model or ladder than run.json).
+    Exit status: 0 all scored, 3 some inputs rejected (or no samples), 2 refused (another model or ladder than
+    run.json), 4 no samples (ingest first), 5 impossible resources, 6 run folder locked, 130 interrupted.
     """
     ui = Output("score", quiet, verbose)
     from rglf.pipeline.score import ScoreConfig, run_score
@@ -737,8 +765,11 @@ def score_cmd(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    report = run_score(cfg, log=ui.summary)
+    with ui.progress("score") as bar:
+        report = run_score(cfg, log=ui.log, progress=bar)
     write_config_record(ctx, run)
+    if ui.quiet:
+        ui.summary(report.summary())
     raise typer.Exit(report.exit_code)
 
 
@@ -1206,10 +1237,14 @@ def demo_cmd(
           if (model / "stage1_report.json").exists() else str(model))
     if not (run / "samples").exists():
         splits = [data / f"{s}.json" for s in ("train", "val", "test")]
-        run_ingest(IngestConfig(inputs=splits, image_root=data, out=run), log=lambda m: stage("ingest", m))
+        with ui.progress("ingest", unit="MiB") as bar:
+            run_ingest(IngestConfig(inputs=splits, image_root=data, out=run), log=lambda m: stage("ingest", m),
+                       progress=bar)
     else:
         stage("ingest", f"reusing {run / 'samples'}")
-    run_score(ScoreConfig(run_dir=run, model=model, workers=workers, progress=False), log=lambda m: stage("score", m))
+    with ui.progress("score") as bar:
+        run_score(ScoreConfig(run_dir=run, model=model, workers=workers, progress=verbose),
+                  log=lambda m: stage("score", m), progress=bar)
     with ui.progress("rank", unit="steps") as bar:
         report = run_rank(RankConfig(feedback=run, out=rank), progress=bar)
     stage("rank", f"{report['tables']['rankings']['rows']:,} rankings, {report['tables']['pairs']['rows']:,} pairs -> {rank}")

@@ -12,8 +12,8 @@ import sys
 import time
 import traceback
 
-# In the order they run: scoring (the LMM), ranking (SQL), router training.
-BENCHES = ("bench.bench_score", "bench.bench_rank", "bench.bench_train")
+# In the order they run: scoring (the LMM), the scoring job at scale, ranking (SQL), router training.
+BENCHES = ("bench.bench_score", "bench.bench_job", "bench.bench_rank", "bench.bench_train")
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """Stage 2 of ``rglf score``: load every sample's image, check it, make it 8-bit RGB, cut its crops.
 
-Runs as stateless Ray tasks on CPUs (``load_images``), so GPU actors only receive ready crops.
+Runs as stateless Ray tasks on CPUs (``load_images``), so GPU actors only receive ready crops
+(or inside the scorer actors when the cluster has no CPU left beside them).
 
 Input columns (from the read stage): ``sample_id, source, split, image, image_root, turns, levels``.
 Output columns: the input ones, plus
@@ -12,15 +13,24 @@ Output columns: the input ones, plus
     error_stage, error_code, error_reason, error_detail   string, null when the image is fine
 
 A bad image does not fail the task: its row carries the error and the scorer writes it to the
-errors table with its batch. Rejections (``code``: reason):
+errors table with its batch. Rejections (``code``: reason) -- the defaults reject only what
+cannot be scored:
 
+    outside_root      the reference leaves the image root: an absolute path elsewhere, ``../``,
+                      or a symlink whose target is outside (``realpath`` is checked); never opened
     missing_file      no file at ``image_root / image``
     empty_file        a 0-byte file
     corrupt_image     not a decodable image (unknown format, bad header)
     truncated_image   the file ends early / decoding failed part-way
-    extreme_aspect    longer side / shorter side > ``max_aspect`` (default 20)
-    too_small         a side shorter than ``min_side`` px (default 10)
+    too_large         more pixels than Pillow's decompression-bomb limit (2 x ``Image.MAX_IMAGE_PIXELS``)
+    extreme_aspect    longer side / shorter side above the limit. Default: derived from the
+                      checkpoint's processor -- none for LLaVA-NeXT (anyres resizes into a bounded
+                      grid; a 100000x10 image still scores), and for a single-crop (CLIP) processor
+                      the aspect at which resizing the shorter side to the crop size would exceed
+                      Pillow's pixel limit (e.g. 89.5M px / 336^2 = 793:1); ``--max-aspect`` sets one
+    too_small         a side shorter than ``--min-side`` px (default 1: off; the processors upscale)
     unsupported_mode  a pixel mode with no faithful 8-bit RGB form (32-bit float "F")
+    preprocess_failed the checkpoint's image processor raised on this image (its message is kept)
 
 Valid modes and how they become 8-bit RGB (``to_rgb``):
 
@@ -40,6 +50,7 @@ uses (a test pins the equality).
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -96,21 +107,21 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (128, 128, 128
         raise ImageRejected("unsupported_mode", f"mode {mode} cannot be converted to RGB ({err})") from err
 
 
-def check_geometry(width: int, height: int, *, max_aspect: float, min_side: int) -> None:
-    """Reject images the processor would turn into degenerate crops."""
+def check_geometry(width: int, height: int, *, max_aspect: float | None, min_side: int = 1) -> None:
+    """Reject images outside the size limits (``max_aspect=None``: no aspect limit)."""
     if min(width, height) < min_side:
         raise ImageRejected(
             "too_small", f"image is {width}x{height} px: a side is shorter than the minimum of {min_side} px"
         )
-    aspect = max(width, height) / min(width, height)
-    if aspect > max_aspect:
+    aspect = max(width, height) / max(1, min(width, height))
+    if max_aspect is not None and aspect > max_aspect:
         raise ImageRejected(
             "extreme_aspect",
             f"image is {width}x{height} px: aspect ratio {aspect:.1f}:1 exceeds the limit of {max_aspect:g}:1",
         )
 
 
-def load_rgb(path: Path, *, max_aspect: float = 20.0, min_side: int = 10, background=(128, 128, 128)) -> Image.Image:
+def load_rgb(path: Path, *, max_aspect: float | None = None, min_side: int = 1, background=(128, 128, 128)) -> Image.Image:
     """Open, check, decode and convert one image file; ``ImageRejected`` with a code when it is bad."""
     try:
         size = path.stat().st_size
@@ -155,6 +166,24 @@ def image_processor(model: str):
     return cls.from_pretrained(model, local_files_only=True), is_next
 
 
+def derived_max_aspect(processor, is_next: bool) -> float | None:
+    """The most elongated image the checkpoint's preprocessing can handle (None: any).
+
+    LLaVA-NeXT (anyres) resizes the image into the best of its grid pinpoints and the base crop
+    to a fixed square: bounded work at any aspect. A single-crop CLIP processor first resizes the
+    SHORTER side to its crop size, so an elongated image grows without bound: the limit is where
+    that resized image would pass Pillow's own pixel limit.
+    """
+    if is_next:
+        return None
+    size = getattr(processor, "size", None) or {}
+    edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if not edge:
+        return None
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    return round(limit / float(edge) ** 2, 1) if limit else None
+
+
 def neutral_background(processor) -> tuple[int, int, int]:
     """The processor's mean colour in 8 bits (LLaVA pads with it): the alpha background."""
     mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
@@ -178,27 +207,47 @@ def preprocess(processor, is_next: bool, image: Image.Image) -> tuple[np.ndarray
 # --------------------------------------------------------------------------------------
 
 
-def image_path(image: str, image_root: str | None) -> Path:
-    path = Path(image)
-    return path if path.is_absolute() or not image_root else Path(image_root) / path
+def resolve_inside(image: str, image_root: str | None) -> Path:
+    """The file an image reference names, which must lie inside the (absolute) image root.
+
+    ``outside_root`` when the reference -- an absolute path, a ``../`` path or a symlink, once
+    resolved with ``realpath`` -- leaves the root, or when the sample has no root.
+    """
+    if not image_root:
+        raise ImageRejected("outside_root", "no image root is recorded for this sample (re-ingest with --image-root)")
+    root = os.path.realpath(image_root)
+    real = os.path.realpath(os.path.join(image_root, image))
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise ImageRejected("outside_root", f"resolves to {real}, outside the image root {root}; not opened")
+    return Path(real)
 
 
-def load_images(batch: pa.Table, *, model: str, max_aspect: float = 20.0, min_side: int = 10) -> pa.Table:
-    """Stage 2 (Ray task, ``batch_format="pyarrow"``): add crops or an error to every row."""
+def load_images(batch: pa.Table, *, model: str, max_aspect: float | str | None = "auto", min_side: int = 1) -> pa.Table:
+    """Stage 2 (a Ray task, or inside the scorer actor): add crops or an error to every row.
+
+    ``max_aspect="auto"``: ``derived_max_aspect`` of the checkpoint's processor.
+    """
     processor, is_next = image_processor(str(model))
     background = neutral_background(processor)
+    if max_aspect == "auto":
+        max_aspect = derived_max_aspect(processor, is_next)
     columns: dict[str, list] = {f.name: [] for f in OUTPUT_FIELDS}
     for image, root in zip(batch.column("image").to_pylist(), batch.column("image_root").to_pylist(), strict=True):
         out = dict.fromkeys(columns)
         if image is not None:
-            path = image_path(image, root)
+            where = image if not root else os.path.join(root, image)
             try:
+                path = resolve_inside(image, root)
+                where = str(path)
                 rgb = load_rgb(path, max_aspect=max_aspect, min_side=min_side, background=background)
-                pixels, size = preprocess(processor, is_next, rgb)
+                try:
+                    pixels, size = preprocess(processor, is_next, rgb)
+                except Exception as err:  # noqa: BLE001 -- the processor's own failure on one image
+                    raise ImageRejected("preprocess_failed", f"the image processor failed: {type(err).__name__}: {err}") from err
                 out.update(pixels=pixels.tobytes(), pixels_shape=list(pixels.shape), image_size=list(size))
             except ImageRejected as err:
                 out.update(
-                    error_stage="load_image", error_code=err.code, error_reason=f"{image}: {err.reason}", error_detail=str(path)
+                    error_stage="load_image", error_code=err.code, error_reason=f"{image}: {err.reason}", error_detail=where
                 )
         for name, value in out.items():
             columns[name].append(value)

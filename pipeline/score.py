@@ -1,57 +1,72 @@
-"""``rglf score RUN_DIR --model CKPT``: the distributed feedback-scoring job (Ray Data).
+"""``rglf score --run RUN --model CKPT``: the distributed feedback-scoring job (Ray).
 
-The job is four named stages (input -> output columns):
+The job is four named stages (input -> output columns), streamed batch by batch:
 
-1. **read** (Ray ``read_parquet`` of ``RUN_DIR/samples``, ``select_pending``, then a streaming
-   repartition into blocks of ``batch_size`` rows so every actor gets work): samples rows ->
-   ``sample_id, source, split, image, image_root, turns, levels``, only for samples not already
-   done; ``levels`` (list<int32>) = the levels still to score for that sample.
-2. **load_images** (stateless CPU tasks, ``pipeline.images.load_images``): + ``pixels``
+1. **read** (the driver, ``pending_batches``): ``RUN/samples`` row group by row group, only the
+   samples not already done (``plan_run`` + the run's index, see ``pipeline/writer.py``), cut
+   into batches of ``batch_size`` rows: ``sample_id, source, split, image, image_root, turns,
+   levels``; ``levels`` (list<int32>) = the levels still to score for that sample.
+2. **load_images** (stateless Ray CPU tasks, ``pipeline.images.load_images``): + ``pixels``
    (float32 crops ``(n_crops, 3, S, S)`` as bytes), ``pixels_shape``, ``image_size``, and
    ``error_stage/code/reason/detail`` for bad images (the row goes on, to be recorded).
-3. **score** (an actor pool of ``Scorer``: one frozen ``FrozenLMM`` per actor, loaded once in
-   ``__init__``; ``__call__`` under ``torch.inference_mode``): tokenise each conversation,
+3. **score** (``workers`` Ray actors of ``Scorer``: one frozen ``FrozenLMM`` per actor, loaded
+   once in ``__init__``; each call under ``torch.inference_mode``): tokenise each conversation,
    encode every image's crops ONCE (one vision pass per ``encode_batch`` images), reject
    sequences longer than the model's context, then ``FrozenLMM.score`` derives every level from
    that one encoding and runs the (sample, level) sequences sorted by length under a token
    budget, ``lm_head`` only on answer positions (bf16 + SDPA on CUDA by default).
 4. **write** (same actor call, ``pipeline.writer.write_batch``): router_inputs, errors, then the
-   feedback part LAST, named after the batch's sample ids. The actor returns one summary row
-   per batch to the driver: ``part, samples, scored, rows, errors, visual_tokens,
-   router_bytes, seconds, node_id``. Writing in the actor makes the batch the unit of commit (see
-   ``pipeline/writer.py``) and keeps the router features out of the object store.
+   feedback part LAST, named after the batch's sample ids. The call returns a ``BatchResult``:
+   per-batch counts and the batch's index rows, which the driver appends to ``RUN/index/``.
+   Writing in the actor makes the batch the unit of commit and keeps the router features out
+   of the object store.
 
-Output folder (``RUN_DIR``; on a multi-node cluster a filesystem every node mounts at the same
+How the batches flow (``pipeline/job.py``): the driver keeps two batches in flight per actor
+(one scoring, the next one's images loading), so the first batch is sent as soon as the first
+row group is read, whatever the dataset size, and memory stays bounded. Resources are checked
+before anything starts: impossible requests (CUDA absent, more actors than the cluster can
+hold) fail at once (exit 5); when the actors leave no CPU for image tasks, images load inside
+the actors.
+
+Output folder (``RUN``; on a multi-node cluster a filesystem every node mounts at the same
 path, since the actors write to it; the checkpoint folder too must be readable on every node)::
 
-    RUN_DIR/samples/part-*.parquet           input (``rglf ingest``)
-    RUN_DIR/feedback/part-<key>.parquet      FEEDBACK_SCHEMA, one row per (sample, level)
-    RUN_DIR/router_inputs/part-<key>.parquet ROUTER_INPUTS_SCHEMA, one row per scored IMAGE sample
-    RUN_DIR/errors/score-<key>.parquet       ERRORS_SCHEMA, one row per sample rejected here
-    RUN_DIR/errors/ingest-*.parquet          (from ``rglf ingest``)
-    RUN_DIR/router_side/                     frozen projector + embedding table (written once, by an actor)
-    RUN_DIR/run.json                         resolved ScoreConfig, model_id, ladder, counts, history
+    RUN/samples/part-*.parquet           input (``rglf ingest``)
+    RUN/feedback/part-<key>.parquet      FEEDBACK_SCHEMA, one row per (sample, level)
+    RUN/router_inputs/part-<key>.parquet ROUTER_INPUTS_SCHEMA, one row per scored IMAGE sample
+    RUN/errors/score-<key>.parquet       ERRORS_SCHEMA, one row per sample rejected here
+    RUN/errors/ingest-*.parquet          (from ``rglf ingest``)
+    RUN/router_side/                     frozen projector + embedding table (written once, by an actor)
+    RUN/index/seg-*.parquet              what is done (a cache of the parts; see pipeline/writer.py)
+    RUN/run.json                         resolved ScoreConfig, model_id, ladder, counts, history
+    RUN/.lock                            one writer at a time (RunLocked, exit 6)
 
 Resume (see ``pipeline/writer.py`` for the commit protocol and its guarantees): re-running on
 the same folder deletes uncommitted leftovers, skips every sample whose levels are all in
-feedback, and scores the rest. Samples REJECTED here (bad image, too long) count as done: a
-rerun does not retry them (delete ``errors/score-*.parquet`` or use ``--force`` to retry).
-A different model (``model_id``, a fingerprint of the checkpoint) or ladder than the folder's
-``run.json`` is refused (``ScoreRefused``, exit 2) unless ``--force``, which starts fresh:
-the previous feedback, router_inputs, score errors, router_side and run.json are MOVED to the
-hidden folder ``RUN_DIR/.replaced-<UTC time>/`` (readers skip hidden folders; delete it when
-no longer needed).
+feedback, and scores the rest. Planning reads the index plus a listing of ``feedback/``, and
+the end-of-job checks work on the index: their cost does not grow with the run's history.
+Samples REJECTED here (bad image, too long) count as done: a rerun does not retry them
+(delete ``errors/score-*.parquet`` or use ``--force`` to retry). A different model
+(``model_id``) or ladder than the folder's ``run.json`` is refused (``ScoreRefused``, exit 2)
+unless ``--force``, which starts fresh: the previous feedback, router_inputs, score errors,
+router_side, index and run.json are MOVED to the hidden folder ``RUN/.replaced-<UTC time>/``
+(readers skip hidden folders; delete it when no longer needed).
 
-Node loss: Ray Data restarts a lost scorer actor (``max_restarts=-1``) and retries the batches
-it held, which rewrite their own part files; lost image blocks are recomputed from lineage. A
-restart needs a node with room for the actor (spare capacity, or a replacement node from the
-autoscaler); until then its batches wait. Killing a driver does not stop batches already queued
-on live actors at once: they may commit for a few seconds more (harmless: whole files under
-their own names; a rerun started in that window is still made exact by ``dedupe`` and
-``check_router_inputs``).
+``run.json`` ``history`` has one entry per run: ``status`` is ``complete``, ``interrupted``
+(Ctrl-C; or ``ended: "killed"`` when the next run found it still marked running with its lock
+released) or ``failed`` (with the one-line ``error``).
+
+Node loss: Ray restarts a lost scorer actor (``max_restarts=-1``) where there is capacity; the
+batches it held are re-queued at once to the live actors, so the job also finishes without
+spare capacity. Killing a driver does not stop batches already running on live actors at
+once: they may commit for a few seconds more (harmless: whole files under their own names; a
+rerun started in that window is still made exact by ``RunIndex.dedupe`` and
+``RunIndex.check_router_inputs``).
 
 Exit status of the command: 0 when every sample is scored, 3 when some were rejected (here or
-at ingest: see ``errors/``), 2 when the job is refused; a crash is a crash (1).
+at ingest: see ``errors/``) or the samples table is empty, 2 when the job is refused, 4 when
+there are no samples (run ``rglf ingest`` first), 5 for impossible resources, 6 when another
+process holds the run folder, 130 on Ctrl-C; a crash is a crash (1).
 
 Router inputs, bytes per sample: ``n_crops * grid^2 * vision_hidden * 2`` (fp16 vision-tower
 features, before the projector) + ``4 * n_instruction_ids``. The embedded toy (SigLIP hidden 64,
@@ -65,11 +80,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,31 +97,21 @@ import pyarrow.parquet as pq
 from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
 
 from .writer import (
+    INDEX_DIR,
     TABLES,
-    ExistingOutput,
+    RunIndex,
+    RunLock,
+    batch_index,
     batch_key,
-    dedupe,
+    describe_holder,
     part_files,
-    scan_output,
     write_batch,
     write_text_atomic,
 )
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-SUMMARY_SCHEMA = pa.schema(
-    [
-        pa.field("part", pa.string()),
-        pa.field("samples", pa.int64()),
-        pa.field("scored", pa.int64()),
-        pa.field("rows", pa.int64()),
-        pa.field("errors", pa.int64()),
-        pa.field("visual_tokens", pa.int64()),
-        pa.field("router_bytes", pa.int64()),
-        pa.field("seconds", pa.float64()),
-        pa.field("node_id", pa.string()),  # the Ray node whose actor committed the batch
-    ]
-)
+READ_ROWS = 4096  # samples rows the driver reads at a time
 
 
 class ScoreRefused(RuntimeError):
@@ -115,9 +120,19 @@ class ScoreRefused(RuntimeError):
     exit_code = 2  # cli.EXIT_CODES: bad input or refused
 
 
+class MissingSamples(RuntimeError):
+    """``RUN/samples`` does not exist: ``rglf ingest`` has not run."""
+
+    exit_code = 4  # cli.EXIT_CODES: a required earlier stage's output is missing
+
+
+class ScoreInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says what is kept and what a rerun does (the CLI prints it, exit 130)."""
+
+
 @dataclass
 class ScoreConfig:
-    """Options of ``rglf score`` (saved, resolved, in ``RUN_DIR/run.json``)."""
+    """Options of ``rglf score`` (saved, resolved, in ``RUN/run.json``)."""
 
     run_dir: Path
     """Output folder; its ``samples/`` (from ``rglf ingest``) is the input. On a multi-node
@@ -149,26 +164,34 @@ class ScoreConfig:
     """Most (sample, level) sequences in one forward pass."""
     encode_batch: int = 16
     """Images per vision-tower pass inside a scorer call."""
-    max_aspect: float = 20.0
-    """Reject images whose longer side exceeds this many times the shorter one."""
-    min_side: int = 10
-    """Reject images with a side shorter than this many pixels."""
+    max_aspect: float | None = None
+    """Reject images whose longer side exceeds this many times the shorter one. Default (None):
+    derived from the checkpoint's preprocessing -- no limit for LLaVA-NeXT (anyres handles any
+    aspect), Pillow's pixel limit / crop size^2 for a single-crop CLIP processor."""
+    min_side: int = 1
+    """Reject images with a side shorter than this many pixels (default 1: every image scores)."""
     image_cpus: float = 0.5
-    """CPUs per image-loading task. When it equals ``cpus_per_worker`` on a CPU-only job, Ray Data
-    fuses stage 2 into the scorer actors (no pixel copies, but no overlap either)."""
+    """CPUs per image-loading task (Ray tasks beside the actors; inside the actors when the
+    cluster has no CPU left for them)."""
     address: str | None = None
     """Ray cluster to join (else ``RAY_ADDRESS``, e.g. under ``ray job submit``; else a local
     instance sized to this machine)."""
     num_cpus: int | None = None
-    """Local instance only: CPUs to give Ray (default: all of this machine's)."""
+    """Local instance only: CPUs to give Ray (default: this machine's, at least enough for the
+    actors plus one image task)."""
     object_store_mb: int | None = None
     """Local instance only: object store size in MiB (default: Ray's)."""
     ray_temp_dir: Path | None = None
     """Local instance only: Ray's session folder (keep it short: unix sockets live there)."""
     force: bool = False
-    """Start fresh: move existing scoring outputs to ``RUN_DIR/.replaced-<time>/``."""
-    progress: bool = True
-    """Show Ray Data's progress bars."""
+    """Start fresh: move existing scoring outputs to ``RUN/.replaced-<time>/``."""
+    progress: bool = False
+    """Let Ray's and transformers' own output through (the CLI's ``--verbose``)."""
+    placement_timeout: float = 60.0
+    """Seconds a cluster (``--address``) may take to offer room for the scorer actors before the
+    job fails (exit 5); a local instance fails at once."""
+    prefetch: int = 2
+    """Batches in flight per actor (one scoring, the next ones' images loading)."""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -179,7 +202,8 @@ class ScoreConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("workers", "batch_size", "max_batch_tokens", "max_batch_size", "encode_batch", "min_side"):
+        for name in ("workers", "batch_size", "max_batch_tokens", "max_batch_size", "encode_batch", "min_side",
+                     "prefetch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -192,12 +216,14 @@ class ScoreConfig:
             raise ValueError("device 'cuda' needs gpus_per_worker > 0 (Ray assigns each actor its GPU)")
         if self.device == "cpu" and self.gpus_per_worker > 0:
             raise ValueError("device 'cpu' with gpus_per_worker > 0 would reserve GPUs that are never used")
-        if self.max_aspect < 1:
+        if self.max_aspect is not None and self.max_aspect < 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
         if self.object_store_mb is not None and self.object_store_mb < 64:
             raise ValueError(f"object_store_mb must be >= 64, got {self.object_store_mb}")
+        if self.placement_timeout < 0:
+            raise ValueError(f"placement_timeout must be >= 0, got {self.placement_timeout}")
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -216,7 +242,13 @@ class ScoreReport:
     batches: int = 0
     batches_by_node: dict[str, int] = field(default_factory=dict)  # which Ray nodes did the work
     seconds: float = 0.0
+    planning_seconds: float = 0.0  # index + listing + pending filter, before any Ray work
+    first_batch_seconds: float | None = None  # from the job's start to its first committed batch
+    idle_share: float | None = None  # share of the actors' available time spent waiting for input
+    images_in_actor: bool = False
+    requeued_batches: int = 0  # batches re-sent after their actor died
     removed_leftovers: int = 0
+    parts_indexed: int = 0  # parts read on start because the index did not cover them
     duplicates_removed: int = 0
     feedback_rows: int = 0  # in the whole output folder
     scored_samples: int = 0
@@ -232,11 +264,13 @@ class ScoreReport:
 
     @property
     def exit_code(self) -> int:
-        """0: every sample scored; 3: some inputs were rejected (here or at ingest)."""
-        return 3 if (self.rejected_samples or self.ingest_rejected) else 0
+        """0: every sample scored; 3: some inputs were rejected (here or at ingest), or there were none."""
+        return 3 if (self.rejected_samples or self.ingest_rejected or not self.samples_total) else 0
 
     def summary(self) -> str:
         codes = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected_by_code.items()))
+        if not self.samples_total:
+            return "score: the samples table is empty: nothing to score (check the ingest's input)"
         return (
             f"score: {self.processed} samples in {self.seconds:.1f} s ({self.samples_per_second:.2f} samples/s): "
             f"{self.scored} scored ({self.rows} feedback rows), {self.rejected} rejected; "
@@ -247,8 +281,24 @@ class ScoreReport:
         )
 
 
+@dataclass
+class BatchResult:
+    """What one scorer call returns to the driver (its batch is committed when this exists)."""
+
+    part: str
+    samples: int
+    scored: int
+    rows: int
+    errors: int
+    visual_tokens: int
+    router_bytes: int
+    seconds: float
+    node_id: str | None
+    index: pa.Table  # INDEX_SCHEMA rows of the batch
+
+
 # --------------------------------------------------------------------------------------
-# Stage 1: read (the pending filter runs inside the read tasks)
+# Stage 1: read
 # --------------------------------------------------------------------------------------
 
 
@@ -259,6 +309,93 @@ def select_pending(batch: pa.Table, *, skip: set[str], partial: dict[str, list[i
     batch = batch.filter(pa.array(keep, type=pa.bool_()))
     wanted = [partial.get(sid, levels) for sid, k in zip(ids, keep, strict=True) if k]
     return batch.append_column(pa.field("levels", pa.list_(pa.int32())), pa.array(wanted, type=pa.list_(pa.int32())))
+
+
+@dataclass
+class Plan:
+    """Which samples the run sends: per samples file, a mask of pending rows."""
+
+    files: list[Path]
+    masks: list[np.ndarray]
+    partial: dict[str, list[int]]
+    image_roots: dict[str, str]  # image_root as stored -> the absolute folder to read from
+    total: int = 0
+    pending: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.total - self.pending
+
+
+def plan_run(run_dir: Path, index: RunIndex, levels: list[int], log: Callable[[str], None]) -> Plan:
+    """Pending samples from the index: reads the samples' ``sample_id`` / ``image_root`` columns once."""
+    samples_dir = run_dir / "samples"
+    files = sorted(samples_dir.glob("*.parquet")) if samples_dir.is_dir() else []
+    if not files:
+        raise MissingSamples(f"{samples_dir}: no samples. Run `rglf ingest DATA.json --image-root DIR --run {run_dir}` first")
+    done, partial = index.done(levels)
+    tables = [pq.ParquetFile(f).read(columns=["sample_id", "image_root"]) for f in files]
+    ids = pa.chunked_array([t.column("sample_id").combine_chunks() for t in tables], pa.string())
+    everything = np.ones(len(ids), dtype=bool) if len(done) == 0 else ~np.asarray(
+        pc.is_in(ids, value_set=done).to_numpy(zero_copy_only=False), dtype=bool)
+    masks, roots = [], set()
+    offset = 0
+    for t in tables:
+        mask = everything[offset : offset + t.num_rows]
+        offset += t.num_rows
+        masks.append(mask)
+        if mask.any():
+            pending_roots = t.column("image_root").filter(pa.array(mask))
+            roots.update(r for r in pc.unique(pending_roots).to_pylist() if r is not None)
+    total, pending = len(ids), int(everything.sum())
+    image_roots = {}
+    for root in sorted(roots):
+        absolute = os.path.abspath(root)
+        if not os.path.isabs(root):
+            log(f"warning: the samples hold a relative image root {root!r} (an older ingest); reading it as {absolute}")
+        if not os.path.isdir(absolute):
+            raise ScoreRefused(
+                f"{absolute}: the image root of the pending samples is not a folder here (not mounted?); nothing "
+                f"was scored. Mount it, or re-ingest with the right --image-root (rglf ingest --force)"
+            )
+        image_roots[root] = absolute
+    return Plan(files, masks, partial, image_roots, total, pending)
+
+
+def pending_batches(plan: Plan, batch_size: int, levels: list[int]) -> Iterator[pa.Table]:
+    """The pending samples, in input order, as tables of ``batch_size`` rows (+ ``levels``; roots absolute)."""
+    carry: list[pa.Table] = []
+    carried = 0
+    for f, mask in zip(plan.files, plan.masks, strict=True):
+        if not mask.any():
+            continue
+        pf = pq.ParquetFile(f)
+        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        groups = [i for i in range(pf.num_row_groups) if mask[bounds[i] : bounds[i + 1]].any()]
+        for group in groups:
+            offset = int(bounds[group])
+            for chunk in pf.iter_batches(batch_size=READ_ROWS, row_groups=[group]):
+                m = mask[offset : offset + chunk.num_rows]
+                offset += chunk.num_rows
+                if not m.any():
+                    continue
+                table = pa.Table.from_batches([chunk]).filter(pa.array(m))
+                ids = table.column("sample_id").to_pylist()
+                table = table.append_column(pa.field("levels", pa.list_(pa.int32())), pa.array(
+                    [plan.partial.get(sid, levels) for sid in ids], pa.list_(pa.int32())))
+                if plan.image_roots:
+                    roots = [None if r is None else plan.image_roots.get(r, r) for r in table.column("image_root").to_pylist()]
+                    table = table.set_column(table.schema.get_field_index("image_root"), "image_root",
+                                             pa.array(roots, pa.string()))
+                carry.append(table)
+                carried += table.num_rows
+                while carried >= batch_size:
+                    merged = pa.concat_tables(carry)
+                    yield merged.slice(0, batch_size).combine_chunks()
+                    rest = merged.slice(batch_size)
+                    carry, carried = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+    if carried:
+        yield pa.concat_tables(carry).combine_chunks()
 
 
 # --------------------------------------------------------------------------------------
@@ -285,8 +422,26 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Silence transformers' progress bars and warnings in this process unless ``verbose``."""
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 class Scorer:
-    """Stage 3 + 4 as a Ray Data callable class: one frozen LMM per actor, a batch per call."""
+    """Stages 3 + 4: one frozen LMM, a batch per call (a Ray actor through ``ScorerActor``)."""
 
     def __init__(
         self,
@@ -300,12 +455,14 @@ class Scorer:
         max_batch_tokens: int,
         max_batch_size: int,
         encode_batch: int,
+        verbose: bool = True,
     ):
         import torch
 
         from rglf.model.lmm import FrozenLMM
         from rglf.model.provenance import known_files
 
+        quiet_libraries(verbose)
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
         self.lmm = FrozenLMM.from_pretrained(
@@ -317,19 +474,21 @@ class Scorer:
                 f"{model_id}: every node must see the same checkpoint"
             )
         self.out = Path(out)
+        self.model = model
         self.node_id = _node_id()
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.encode_batch = encode_batch
         ensure_router_side(self.lmm, self.out)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> BatchResult:
+        """Score and commit one batch (rows with ``pixels`` from ``load_images``)."""
         import torch
 
         start = time.perf_counter()
         rows = batch.drop_columns(["pixels"]).to_pylist()
         if not rows:
-            return SUMMARY_SCHEMA.empty_table()
+            return BatchResult("", 0, 0, 0, 0, 0, 0, 0.0, self.node_id, batch_index("", *_empty_tables()))
         with torch.inference_mode():
             feedback, router, errors = self.score(rows, batch.column("pixels"))
         key = batch_key(r["sample_id"] for r in rows)
@@ -338,19 +497,19 @@ class Scorer:
             pa.Table.from_pylist(router, schema=ROUTER_INPUTS_SCHEMA),
             pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA),
         )
-        write_batch(self.out, key, *tables)
-        summary = {
-            "part": key,
-            "samples": len(rows),
-            "scored": len({r["sample_id"] for r in feedback}),
-            "rows": len(feedback),
-            "errors": len(errors),
-            "visual_tokens": sum(r["n_visual_tokens"] for r in feedback),
-            "router_bytes": sum(len(r["vision_features"]) + 4 * len(r["instruction_ids"]) for r in router),
-            "seconds": time.perf_counter() - start,
-            "node_id": self.node_id,
-        }
-        return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
+        stat = write_batch(self.out, key, *tables)
+        return BatchResult(
+            part=key,
+            samples=len(rows),
+            scored=len({r["sample_id"] for r in feedback}),
+            rows=len(feedback),
+            errors=len(errors),
+            visual_tokens=sum(r["n_visual_tokens"] for r in feedback),
+            router_bytes=sum(len(r["vision_features"]) + 4 * len(r["instruction_ids"]) for r in router),
+            seconds=time.perf_counter() - start,
+            node_id=self.node_id,
+            index=batch_index(key, *tables, stat),
+        )
 
     def score(self, rows: list[dict], pixels: pa.ChunkedArray) -> tuple[list[dict], list[dict], list[dict]]:
         """Rows of one batch -> (feedback rows, router_inputs rows, error rows)."""
@@ -462,6 +621,42 @@ class Scorer:
         return feedback, router, errors
 
 
+
+def _empty_tables() -> tuple[pa.Table, pa.Table, pa.Table]:
+    return FEEDBACK_SCHEMA.empty_table(), ROUTER_INPUTS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
+
+
+class ScorerActor(Scorer):
+    """``Scorer`` as a Ray actor: construction errors are kept and re-raised by ``ping`` (typed, one line)."""
+
+    def __init__(self, **kwargs: Any):
+        self.init_error: BaseException | None = None
+        try:
+            super().__init__(**kwargs)
+        except Exception as err:  # noqa: BLE001 -- re-raised by ping() in the driver
+            self.init_error = err
+
+    def ping(self) -> str | None:
+        """The actor's node once it is ready; raises what ``__init__`` raised."""
+        if self.init_error is not None:
+            raise self.init_error
+        return self.node_id
+
+    def score_batch(self, batch: pa.Table, load_kwargs: dict | None = None) -> BatchResult:
+        """One batch: its images are already loaded (an image task's output), or loaded here when ``load_kwargs``."""
+        if load_kwargs is not None:
+            batch = load_images_quietly(batch, **load_kwargs)
+        return self(batch)
+
+
+def load_images_quietly(batch: pa.Table, *, verbose: bool = False, **kwargs: Any) -> pa.Table:
+    """``pipeline.images.load_images`` as a Ray task (library chatter off unless ``verbose``)."""
+    from .images import load_images
+
+    quiet_libraries(verbose)
+    return load_images(batch, **kwargs)
+
+
 # --------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------
@@ -472,15 +667,19 @@ def resolve_model(model: Path, ladder_spec: str | None, known: dict | None = Non
 
     ``known``: the run folder's ``run.json`` ``model_files`` (cached per-file hashes).
     """
-    from transformers import AutoConfig
-
     from rglf.model.lmm import ModelLoadError, checkpoint_fingerprint
     from rglf.model.scaler import Ladder
 
-    if not (model / "config.json").is_file():
-        raise ModelLoadError(f"{model} is not an HF checkpoint folder (no config.json)")
-    vc = AutoConfig.from_pretrained(model, local_files_only=True).vision_config
-    return checkpoint_fingerprint(model, known=known), Ladder.parse(ladder_spec, vc.image_size // vc.patch_size)
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{model} is not an HF checkpoint folder (no config.json); convert an original "
+                             "LLaVA layout with `rglf convert`")
+    try:
+        vc = json.loads(config_path.read_text())["vision_config"]
+        grid = int(vc["image_size"]) // int(vc["patch_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelLoadError(f"{config_path}: no usable vision_config image_size / patch_size ({err})") from None
+    return checkpoint_fingerprint(model, known=known), Ladder.parse(ladder_spec, grid)
 
 
 def _now() -> str:
@@ -494,10 +693,10 @@ def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
     """
     out = cfg.run_dir
     run_json = out / "run.json"
-    ours = [out / "feedback", out / "router_inputs", out / "router_side"]
+    ours = [out / "feedback", out / "router_inputs", out / "router_side", out / INDEX_DIR]
     has_outputs = any(part_files(out, t) for t in TABLES) or (out / "router_side").exists()
     previous = json.loads(run_json.read_text()) if run_json.exists() else None
-    if cfg.force and (previous is not None or has_outputs):
+    if cfg.force and (previous is not None or has_outputs or (out / INDEX_DIR).exists()):
         aside = out / f".replaced-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
         aside.mkdir()
         for path in [*ours, run_json]:
@@ -519,182 +718,60 @@ def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
             raise ScoreRefused(
                 f"{out} was scored with a different configuration ({'; '.join(problems)}); mixing them would "
                 "make the feedback table meaningless. Use another output folder, or --force to start fresh "
-                "(the old outputs are moved to RUN_DIR/.replaced-<time>/)."
+                "(the old outputs are moved to RUN/.replaced-<time>/)"
             )
     elif has_outputs:
         raise ScoreRefused(f"{out} holds scoring outputs but no run.json (unknown model/ladder); use --force to start fresh")
     return previous
 
 
-def plan(samples_dir: Path, existing: ExistingOutput, ladder) -> tuple[list[str], set[str], dict[str, list[int]]]:
-    """(all sample ids, samples to skip, {sample: missing levels} for partially scored samples)."""
-    files = sorted(samples_dir.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{samples_dir} holds no samples: run `rglf ingest` first")
-    ids = pa.concat_tables([pq.read_table(f, columns=["sample_id"]) for f in files]).column("sample_id").to_pylist()
-    wanted = set(ladder.tokens)
-    keys = existing.feedback_keys
-    keys = keys.filter(pc.is_in(keys.column("level_tokens"), pa.array(sorted(wanted), type=pa.int32())))
-    grouped = keys.group_by("sample_id").aggregate([("level_tokens", "list")])
-    skip = set(existing.rejected)
-    partial: dict[str, list[int]] = {}
-    for sid, have in zip(grouped.column("sample_id").to_pylist(), grouped.column("level_tokens_list").to_pylist(), strict=True):
-        missing = sorted(wanted - set(have))
-        if missing:
-            partial[sid] = missing
-        else:
-            skip.add(sid)
-    return ids, skip, partial
+def _ingest_rejected(out: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in sorted((out / "errors").glob("ingest-*.parquet")))
 
 
-def connect_ray(cfg: ScoreConfig, log) -> bool:
-    """Join a cluster (``--address`` / ``RAY_ADDRESS``) or start a local instance; True if we must shut it down."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        log(f"joined the Ray cluster at {address}")
-        need = cfg.workers * cfg.cpus_per_worker + cfg.image_cpus
-        have = ray.cluster_resources().get("CPU", 0.0)
-        if have < need:
-            ray.shutdown()
-            raise ValueError(
-                f"the cluster at {address} has {have:g} CPUs; {cfg.workers} scorer actors x {cfg.cpus_per_worker:g} "
-                f"CPUs + {cfg.image_cpus:g} for image tasks need {need:g} (the job would wait forever): "
-                "lower --workers / --cpus-per-worker / --image-cpus"
-            )
-    else:
-        # Ray CPUs are scheduling tokens: the scorer actors hold theirs for the whole job, so a
-        # machine whose cores all go to actors would leave none for the image tasks and hang.
-        # Give the local instance enough logical CPUs for the actors plus the CPU stages.
-        need = math.ceil(cfg.workers * cfg.cpus_per_worker + max(cfg.image_cpus, 0.5))
-        kwargs: dict[str, Any] = {"num_cpus": cfg.num_cpus or max(os.cpu_count() or 1, need), "include_dashboard": False}
-        if cfg.object_store_mb:
-            kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
-        if cfg.ray_temp_dir is not None:
-            kwargs["_temp_dir"] = str(cfg.ray_temp_dir)
-        ray.init(**kwargs)
-        log(f"started a local Ray instance ({kwargs['num_cpus']} CPUs)")
-    return True
+def _record(cfg: ScoreConfig, record: dict) -> None:
+    write_text_atomic(cfg.run_dir / "run.json", json.dumps(record, indent=2) + "\n")
 
 
-def build_pipeline(cfg: ScoreConfig, model_id: str, ladder, skip: set[str], partial: dict[str, list[int]]):
-    """The job as a Ray Dataset of per-batch summaries: read -> load_images -> score (+ write)."""
-    import ray
+def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print,
+              progress: Callable[[int, int | None, dict | None], None] | None = None) -> ScoreReport:
+    """Run the job (see the module docstring); returns the report also saved in ``run.json``.
 
-    from .images import load_images
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    samples = ray.data.read_parquet(str(cfg.run_dir / "samples"), file_extensions=["parquet"])  # 1. read
-    pending = samples.map_batches(
-        select_pending, batch_format="pyarrow", num_cpus=cfg.image_cpus,
-        fn_kwargs={"skip": skip, "partial": partial, "levels": list(ladder.tokens)},
-    )
-    # one block per scorer batch (streaming, no barrier): a samples part file is ONE read block, and
-    # without this a whole file would reach one actor as one task, leaving the other actors idle
-    pending = pending.repartition(target_num_rows_per_block=cfg.batch_size)
-    loaded = pending.map_batches(  # 2. load_images (CPU tasks)
-        load_images, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.image_cpus,
-        fn_kwargs={"model": str(cfg.model), "max_aspect": cfg.max_aspect, "min_side": cfg.min_side},
-    )
-    return loaded.map_batches(  # 3. score + 4. write (actor pool)
-        Scorer,
-        batch_format="pyarrow",
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.workers, max_size=cfg.workers),
-        num_gpus=cfg.gpus_per_worker or None,
-        num_cpus=cfg.cpus_per_worker,
-        resources=cfg.worker_resources or None,
-        fn_constructor_kwargs={
-            "model": str(cfg.model), "out": str(cfg.run_dir), "device": cfg.device, "dtype": cfg.dtype,
-            "ladder": ladder.spec, "model_id": model_id, "max_batch_tokens": cfg.max_batch_tokens,
-            "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch,
-        },
-    )
-
-
-def check_router_inputs(out: Path) -> None:
-    """Every scored image sample must have its router inputs; un-commit the batches that do not.
-
-    Only a race can break this: a straggling worker of a KILLED job committing a batch after the
-    next run deleted that batch's router_inputs part as an orphan. Deleting the affected feedback
-    parts makes those samples pending again, so a rerun redoes them.
+    ``log`` gets informational lines and the final summary; ``progress(done, total, fields)`` is
+    called after every committed batch (``done`` / ``total``: samples of this run).
     """
-    feedback_files = part_files(out, "feedback")
-    router_ids: set[str] = set()
-    for f in part_files(out, "router_inputs"):
-        router_ids.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
-    broken = []
-    for f in feedback_files:
-        t = pq.read_table(f, columns=["sample_id", "n_crops"])
-        with_image = t.filter(pc.greater(t.column("n_crops"), 0)).column("sample_id").to_pylist()
-        if any(sid not in router_ids for sid in with_image):
-            broken.append(f)
-    if broken:
-        for f in broken:
-            f.unlink()
-        raise RuntimeError(
-            f"{len(broken)} committed batches had no router inputs (a killed job's worker raced this run); "
-            "they were un-committed: rerun `rglf score` to redo them"
-        )
+    if not (cfg.run_dir / "samples").is_dir():  # before the lock: a mistyped --run creates no folder
+        raise MissingSamples(f"{cfg.run_dir / 'samples'}: no samples. Run `rglf ingest DATA.json --image-root DIR "
+                             f"--run {cfg.run_dir}` first")
+    lock = RunLock.acquire(cfg.run_dir, "rglf score")
+    try:
+        if lock.previous:
+            log(describe_holder(lock.previous))
+        return _run_locked(cfg, log, progress)
+    finally:
+        lock.release()
 
 
-def _final_counts(cfg: ScoreConfig, report: ScoreReport, ladder, ids: list[str]) -> None:
-    """Fill the whole-folder counts of ``report`` from the files; check every sample is accounted for."""
-    out = cfg.run_dir
-    existing = scan_output(out)
-    _, skip, _ = plan(out / "samples", existing, ladder)
-    keys = existing.feedback_keys
-    report.feedback_rows = keys.num_rows
-    report.scored_samples = len(set(keys.column("sample_id").to_pylist()))
-    errs = [pq.read_table(f, columns=["sample_id", "code"]) for f in part_files(out, "errors")]
-    report.rejected_samples = sum(t.num_rows for t in errs)
-    report.rejected_by_code = dict(Counter(c for t in errs for c in t.column("code").to_pylist()))
-    ingest_errors = sorted((out / "errors").glob("ingest-*.parquet"))
-    report.ingest_rejected = sum(pq.read_metadata(f).num_rows for f in ingest_errors)
-    router = [
-        pq.read_table(f, columns=["n_crops", "grid", "vision_hidden", "instruction_ids"])
-        for f in part_files(out, "router_inputs")
-    ]
-    report.router_inputs_rows = sum(t.num_rows for t in router)
-    check_router_inputs(out)
-    total = 0
-    for t in router:
-        n, g, h = (np.asarray(t.column(c).to_numpy(), dtype=np.int64) for c in ("n_crops", "grid", "vision_hidden"))
-        total += int((n * g * g * h * 2).sum()) + 4 * int(pc.sum(pc.list_value_length(t.column("instruction_ids"))).as_py() or 0)
-    report.router_bytes_per_sample = total / report.router_inputs_rows if report.router_inputs_rows else 0.0
-    left = [sid for sid in ids if sid not in skip]  # partially scored samples are not in skip either
-    if left:
-        raise RuntimeError(
-            f"{len(left)} samples were neither scored nor rejected (e.g. {left[:3]}); rerun `rglf score` to finish them"
-        )
-
-
-def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
-    """Run the job (see the module docstring); returns the report also saved in ``run.json``."""
+def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     from rglf.model.provenance import checkpoint_identity, known_files, new_run_id
 
     started = _now()
     known = known_files(cfg.run_dir)  # cached per-file hashes: a resumed run does not re-hash the checkpoint
     model_id, ladder = resolve_model(cfg.model, cfg.ladder, known=known)
     previous = prepare_output(cfg, model_id, ladder, log)
-    existing = scan_output(cfg.run_dir)
-    ids, skip, partial = plan(cfg.run_dir / "samples", existing, ladder)
-    report = ScoreReport(samples_total=len(ids), removed_leftovers=len(existing.removed))
-    report.skipped_done = sum(1 for sid in ids if sid in skip)
-    pending = report.samples_total - report.skipped_done
-    if existing.removed:
-        log(f"removed {len(existing.removed)} uncommitted leftovers of an interrupted run")
+    t_plan = time.perf_counter()
+    index = RunIndex.load(cfg.run_dir)
+    plan = plan_run(cfg.run_dir, index, list(ladder.tokens), log)
+    report = ScoreReport(samples_total=plan.total, skipped_done=plan.skipped, removed_leftovers=len(index.removed),
+                         parts_indexed=index.parts_read, planning_seconds=time.perf_counter() - t_plan)
+    if index.removed:
+        log(f"removed {len(index.removed)} uncommitted leftovers of an interrupted run")
 
     history = (previous or {}).get("history", [])
-    for entry in history:  # an entry still "running" is a run that was killed
+    for entry in history:  # an entry still "running" is a run that died without recording (we hold its lock)
         if entry.get("status") == "running":
-            entry["status"] = "interrupted"
-    this_run: dict[str, Any] = {"started": started, "status": "running", "pending_at_start": pending}
+            entry.update(status="interrupted", ended="killed (found still running, its lock released)")
+    this_run: dict[str, Any] = {"started": started, "status": "running", "pending_at_start": plan.pending}
     history.append(this_run)
     record: dict[str, Any] = {
         "status": "running",
@@ -705,49 +782,73 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
         "ladder": {"spec": ladder.spec, "tokens": list(ladder.tokens), "grid": ladder.grid},
         "history": history,
     }
-    write_text_atomic(cfg.run_dir / "run.json", json.dumps(record, indent=2) + "\n")
+    _record(cfg, record)
+    if not plan.total:
+        log("warning: the samples table is empty: nothing to score")
     log(
-        f"score: {report.samples_total} samples, {report.skipped_done} already done, {pending} to score; "
+        f"score: {report.samples_total} samples, {report.skipped_done} already done, {plan.pending} to score; "
         f"model {model_id}, ladder {','.join(map(str, ladder.tokens))}"
     )
 
+    def stop(status: str, **details: Any) -> None:
+        index.flush()
+        this_run.update(status=status, finished=_now(), processed=report.processed, scored=report.scored,
+                        rejected=report.rejected, rows=report.rows, batches=report.batches, **_perf(report), **details)
+        record["status"] = status
+        _record(cfg, record)
+
     t0 = time.perf_counter()
-    if pending:
-        started_ray = connect_ray(cfg, log)
-        try:
-            dataset = build_pipeline(cfg, model_id, ladder, skip, partial)
-            for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                report.batches += summary.num_rows
-                for node in summary.column("node_id").to_pylist():
-                    report.batches_by_node[node] = report.batches_by_node.get(node, 0) + 1
-                report.processed += pc.sum(summary.column("samples")).as_py() or 0
-                report.scored += pc.sum(summary.column("scored")).as_py() or 0
-                report.rows += pc.sum(summary.column("rows")).as_py() or 0
-                report.rejected += pc.sum(summary.column("errors")).as_py() or 0
-        finally:
-            if started_ray:
-                import ray
+    try:
+        if plan.pending:
+            _score_pending(cfg, model_id, ladder, plan, index, report, log, progress)
+        elif not (cfg.run_dir / "router_side" / "router_side.json").exists() and plan.total:
+            from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
 
-                ray.shutdown()
-    elif not (cfg.run_dir / "router_side" / "router_side.json").exists():
-        from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
-
-        log("router_side/ missing: loading the model on this machine (CPU) to write it")
-        ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir)
+            log("router_side/ missing: loading the model on this machine (CPU) to write it")
+            ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir)
+    except KeyboardInterrupt:
+        report.seconds = time.perf_counter() - t0
+        stop("interrupted", seconds=round(report.seconds, 3))
+        left = plan.pending - report.processed
+        raise ScoreInterrupted(
+            f"interrupted after {report.batches} committed batches ({report.processed} samples) this run; they are "
+            f"kept. A rerun of the same command scores the remaining {left}"
+        ) from None
+    except BaseException as err:
+        stop("failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
     report.seconds = time.perf_counter() - t0
 
-    report.duplicates_removed = sum(dedupe(cfg.run_dir, t) for t in TABLES)
+    report.duplicates_removed = index.dedupe()
     if report.duplicates_removed:
         log(f"removed {report.duplicates_removed} duplicate rows (a batch committed twice under different names)")
-    _final_counts(cfg, report, ladder, ids)
+    broken = index.check_router_inputs()
+    if broken:
+        stop("failed", error="router inputs missing")
+        raise RuntimeError(
+            f"{len(broken)} committed batches had no router inputs (a killed job's worker raced this run); "
+            "they were un-committed: rerun `rglf score` to redo them"
+        )
+    index.compact()
+    for key, value in index.counts().items():
+        setattr(report, key, value)
+    report.ingest_rejected = _ingest_rejected(cfg.run_dir)
+    done, _ = index.done(ladder.tokens)
+    left = sum(int(np.count_nonzero(~np.asarray(pc.is_in(pq.read_table(f, columns=["sample_id"]).column("sample_id"),
+                                                          value_set=done).to_numpy(zero_copy_only=False), dtype=bool)))
+               for f in plan.files) if len(done) else plan.total
+    if left:
+        stop("failed", error=f"{left} samples neither scored nor rejected")
+        raise RuntimeError(f"{left} samples were neither scored nor rejected; rerun `rglf score` to finish them")
 
     this_run.update(
         status="complete", finished=_now(), processed=report.processed, scored=report.scored,
         rejected=report.rejected, rows=report.rows, batches=report.batches, seconds=round(report.seconds, 3),
         samples_per_second=round(report.samples_per_second, 3), batches_by_node=report.batches_by_node,
-        removed_leftovers=report.removed_leftovers, duplicates_removed=report.duplicates_removed,
+        removed_leftovers=report.removed_leftovers, duplicates_removed=report.duplicates_removed, **_perf(report),
     )
-    per_run = ("processed", "scored", "rejected", "rows", "batches", "batches_by_node", "seconds")
+    per_run = ("processed", "scored", "rejected", "rows", "batches", "batches_by_node", "seconds", "planning_seconds",
+               "first_batch_seconds", "idle_share", "images_in_actor", "requeued_batches", "parts_indexed")
     record.update(
         status="complete",
         counts={k: v for k, v in asdict(report).items() if k not in per_run},
@@ -757,6 +858,108 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
         },
         exit_code=report.exit_code,
     )
-    write_text_atomic(cfg.run_dir / "run.json", json.dumps(record, indent=2) + "\n")
+    _record(cfg, record)
     log(report.summary())
     return report
+
+
+def fold_result(result: BatchResult, report: ScoreReport, index: RunIndex,
+                progress: Callable[[int, int | None, dict | None], None] | None, pending: int) -> None:
+    """Account for one committed batch: its index rows, the run's counters, the progress display."""
+    index.append(result.index)
+    index.maybe_flush()
+    report.batches += 1
+    node = result.node_id or "?"
+    report.batches_by_node[node] = report.batches_by_node.get(node, 0) + 1
+    report.processed += result.samples
+    report.scored += result.scored
+    report.rows += result.rows
+    report.rejected += result.errors
+    if progress is not None:
+        progress(report.processed, pending, {"rejected": report.rejected})
+
+
+def _perf(report: ScoreReport) -> dict[str, Any]:
+    """The run's timing figures for its history entry."""
+    return {
+        "planning_seconds": round(report.planning_seconds, 3), "parts_indexed": report.parts_indexed,
+        "first_batch_seconds": None if report.first_batch_seconds is None else round(report.first_batch_seconds, 3),
+        "idle_share": None if report.idle_share is None else round(report.idle_share, 4),
+        "images_in_actor": report.images_in_actor, "requeued_batches": report.requeued_batches,
+    }
+
+
+def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: RunIndex, report: ScoreReport,
+                   log, progress) -> None:
+    """Start Ray and the actors, stream the pending batches, fold each committed batch into ``report``."""
+    import ray
+
+    from .job import ResourcesUnavailable, ScoringPool, connect, plan_placement
+
+    verbose = cfg.progress
+    t_start = time.perf_counter()
+    ours = not ray.is_initialized()  # a Ray we start (even half-way, when Ctrl-C hits ray.init) we shut down
+    try:
+        connect(
+            address=cfg.address, num_cpus=cfg.num_cpus,
+            need_cpus=cfg.workers * cfg.cpus_per_worker + max(cfg.image_cpus, 0.5),
+            object_store_mb=cfg.object_store_mb, temp_dir=cfg.ray_temp_dir, verbose=verbose, log=log,
+        )
+    except BaseException:
+        if ours and ray.is_initialized():
+            ray.shutdown()
+        raise
+    remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+    need = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **cfg.worker_resources}
+    pool = None
+    try:
+        deadline = time.monotonic() + (cfg.placement_timeout if remote else 0.0)
+        while True:
+            placement = plan_placement(need, cfg.workers, cfg.image_cpus, cfg.device)
+            if placement.actors >= cfg.workers or time.monotonic() >= deadline:
+                break
+            time.sleep(2.0)  # a cluster that may grow (autoscaler): re-check for a while
+        if placement.actors < cfg.workers:
+            more = f"; it can host {placement.actors}" if placement.actors else ""
+            raise ResourcesUnavailable(
+                f"{placement.detail}{more}: --workers {cfg.workers} can never all be placed. Lower --workers / "
+                "--cpus-per-worker / --gpus-per-worker, or add nodes"
+                if placement.actors else f"{placement.detail}. Lower the per-worker resources or use another cluster"
+            )
+        if placement.images_in_actor:
+            log("no CPU is left beside the scorer actors for image tasks: images are loaded inside the actors")
+        report.images_in_actor = placement.images_in_actor
+        load_kwargs = {"model": str(cfg.model), "max_aspect": "auto" if cfg.max_aspect is None else cfg.max_aspect,
+                       "min_side": cfg.min_side}
+        pool = ScoringPool(
+            ScorerActor,
+            {"model": str(cfg.model), "out": str(cfg.run_dir), "device": cfg.device, "dtype": cfg.dtype,
+             "ladder": ladder.spec, "model_id": model_id, "max_batch_tokens": cfg.max_batch_tokens,
+             "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch, "verbose": verbose},
+            load_images_quietly, {**load_kwargs, "verbose": verbose},
+            workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+            worker_resources=cfg.worker_resources, image_cpus=cfg.image_cpus,
+            images_in_actor=placement.images_in_actor, prefetch=cfg.prefetch, log=log,
+        )
+        if progress is not None:
+            progress(0, plan.pending, {"rejected": 0})
+
+        def on_result(result: BatchResult) -> None:
+            if report.first_batch_seconds is None:
+                report.first_batch_seconds = time.perf_counter() - t_start
+            fold_result(result, report, index, progress, plan.pending)
+
+        def unplaceable() -> str | None:
+            p = plan_placement(need, 1, cfg.image_cpus, cfg.device)
+            return None if p.actors else p.detail
+
+        pool.run(pending_batches(plan, cfg.batch_size, list(ladder.tokens)), on_result,
+                 unplaceable=unplaceable, placement_timeout=cfg.placement_timeout if remote else 0.0)
+    finally:
+        if pool is not None:
+            stats = pool.finish()  # also on Ctrl-C: the interrupted run records its figures too
+            report.idle_share = stats.idle_share
+            report.requeued_batches = stats.requeued
+            pool.shutdown()
+        if ours:
+            ray.shutdown()

@@ -59,6 +59,18 @@ def test_open_run_and_rank_and_the_stage_functions(tmp_path):
     assert Path(files["report"]).is_file() and "samples: empty (0 rows)" in Path(files["report"]).read_text()
 
 
+def test_ingest_reports_progress_through_the_api(tmp_path):
+    import json
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": f"s{i}", "conversations": [{"from": "human", "value": "Hi?"},
+                                                                   {"from": "gpt", "value": "Yes."}]} for i in range(5)]))
+    calls = []
+    report = rglf.ingest(rglf.IngestConfig(inputs=[data], image_root=tmp_path, out=tmp_path / "run"),
+                         log=lambda _: None, progress=lambda done, total, fields: calls.append((done, total, fields)))
+    assert report.exit_code == 0 and calls and calls[-1][0] == calls[-1][1] and calls[-1][2]["records"] == 5
+
+
 @pytest.mark.slow
 def test_non_editable_install_has_one_rglf_package_and_its_data(tmp_path):
     """`pip install --target` of the project (not editable): only `rglf` at the top, the SQL files and the

@@ -200,6 +200,27 @@ def test_stage_progress_line_mode_and_quiet():
     assert unknown.getvalue().startswith("route: 5 records") and "rejected 1" in unknown.getvalue()
 
 
+def test_stage_progress_rate_and_eta_start_at_the_first_committed_unit(monkeypatch):
+    """Start-up (Ray, model loading) before the first unit must not drag the rate and ETA down."""
+    import types
+
+    import rglf.cli as cli
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    stream = io.StringIO()
+    with StageProgress("score", "samples", stream=stream, every=0) as bar:
+        clock["t"] = 100.0  # 100 s of start-up, nothing done yet
+        bar(0, 120, None)
+        clock["t"] = 101.0
+        bar(10, 120, None)  # the first committed unit: the rate's origin
+        clock["t"] = 103.0
+        bar(30, 120, None)  # 20 more in 2 s: 10/s, 90 left -> ETA 9 s
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "score: 0/120 samples (0%)"
+    assert lines[-1] == "score: 30/120 samples (25%), 10.0 samples/s, ETA 9 s", lines
+
+
 def test_rank_quiet_and_default_output(tmp_path):
     from test_rank import LADDER, feedback_rows, write_feedback
 

@@ -124,7 +124,7 @@ def test_existing_samples_are_replaced_only_with_force(tmp_path):
     write_jsonl(path, [{"id": "only", "conversations": conv("Q?", "A")}])
     run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=out, force=True), log=lambda _: None)
     assert [r["sample_id"] for r in read(out / "samples")] == ["only"]  # no stale parts left
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no staging leftovers
 
 
 def test_cli_exit_status_says_whether_records_were_rejected(tmp_path):
@@ -139,3 +139,150 @@ def test_cli_exit_status_says_whether_records_were_rejected(tmp_path):
     assert "missing_id: 1" in result.output
     result = runner.invoke(app, ["ingest", str(tmp_path / "nope.json"), "--image-root", str(tmp_path), "--run", str(tmp_path / "r3")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+# --------------------------------------------------------------------------------------
+# Bad bytes, odd layouts, empty inputs (issue 13, case 6), streaming (issue 15)
+# --------------------------------------------------------------------------------------
+
+GOOD = [{"id": f"g{i}", "conversations": conv("Q?", f"answer {i}")} for i in range(3)]
+
+
+def ingest(tmp_path: Path, *files: Path, **kwargs) -> tuple:
+    run = tmp_path / "run"
+    report = run_ingest(IngestConfig(inputs=list(files), image_root=tmp_path, out=run, force=True, **kwargs),
+                        log=lambda _: None)
+    errors = read(run / "errors", "ingest-*.parquet")
+    return report, [r["sample_id"] for r in read(run / "samples")], {e["code"]: e for e in errors}
+
+
+def test_undecodable_bytes_cost_only_their_record(tmp_path):
+    lines = [json.dumps(r).encode() for r in GOOD]
+    bad = json.dumps({"id": "bad", "conversations": conv("Q?", "XX")}).encode().replace(b"XX", b"caf\xe9")
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b"\n".join([lines[0], bad, lines[1], lines[2]]) + b"\n")
+    report, ids, errors = ingest(tmp_path, jsonl)
+    assert ids == ["g0", "g1", "g2"] and report.rejected == 1
+    assert f"{jsonl}:2" in errors["invalid_utf8"]["reason"] and "turn 1" in errors["invalid_utf8"]["reason"]
+    listed = tmp_path / "latin1.json"
+    listed.write_bytes(b"[" + b",\n".join([lines[0], bad, lines[1], lines[2]]) + b"]")
+    report, ids, errors = ingest(tmp_path, listed)
+    assert ids == ["g0", "g1", "g2"] and f"{listed}[1]" in errors["invalid_utf8"]["reason"]
+    assert "\ufffd" in errors["invalid_utf8"]["detail"]  # stored readable, not as raw bytes
+
+
+def test_byte_order_marks_and_top_level_objects(tmp_path):
+    bom_list = tmp_path / "bom.json"
+    bom_list.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD, indent=2).encode())
+    report, ids, _ = ingest(tmp_path, bom_list)
+    assert ids == ["g0", "g1", "g2"] and report.rejected == 0  # a list, not three hundred bad JSONL lines
+    bom_lines = tmp_path / "bom.jsonl"
+    bom_lines.write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps(r).encode() for r in GOOD))
+    assert ingest(tmp_path, bom_lines)[1] == ["g0", "g1", "g2"]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(GOOD[0], indent=2))  # one pretty-printed record
+    assert ingest(tmp_path, one)[1:] == (["g0"], {})
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": GOOD}, indent=2))
+    with pytest.raises(IngestError, match=r"wrapped.json: the file holds a JSON object at line 1, column 1 that is not"):
+        ingest(tmp_path, wrapped)
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(json.dumps(GOOD).encode("utf-16"))
+    with pytest.raises(IngestError, match="UTF-16"):
+        ingest(tmp_path, utf16)
+    binary = tmp_path / "image.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(IngestError, match="not JSON or JSONL"):
+        ingest(tmp_path, binary)
+
+
+def test_deep_nesting_and_broken_list_elements_are_error_rows(tmp_path):
+    deep = '{"id": "deep", "conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    broken = '{"id": "broken", "conversations": [{"from": "human" "value": "no comma"}]}'
+    listed = tmp_path / "mixed.json"
+    listed.write_text("[" + ",".join([json.dumps(GOOD[0]), deep, broken, json.dumps(GOOD[1])]) + "]")
+    report, ids, errors = ingest(tmp_path, listed)
+    assert ids == ["g0", "g1"] and report.records == 4
+    assert f"{listed}[1]" in errors["too_deep"]["reason"]
+    assert f"{listed}[2]" in errors["invalid_json"]["reason"] and "line 1" in errors["invalid_json"]["reason"]
+    lines = tmp_path / "mixed.jsonl"
+    lines.write_text("\n".join([json.dumps(GOOD[0]), deep, json.dumps(GOOD[1])]) + "\n")
+    report, ids, errors = ingest(tmp_path, lines)
+    assert ids == ["g0", "g1"] and f"{lines}:2" in errors["too_deep"]["reason"]
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text("[" + json.dumps(GOOD[0]) + "," + json.dumps(GOOD[1])[:-10])
+    report, ids, errors = ingest(tmp_path, truncated)
+    assert ids == ["g0"] and "ends inside this record" in errors["invalid_json"]["reason"]
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n", b"[]", b"\xef\xbb\xbf[ ]\n"])
+def test_an_empty_input_is_a_warning_and_exit_3(tmp_path, content):
+    path = tmp_path / "empty.json"
+    path.write_bytes(content)
+    result = CliRunner().invoke(app, ["ingest", str(path), "--image-root", str(tmp_path), "--run", str(tmp_path / "r")])
+    assert result.exit_code == 3, result.output
+    assert "no records" in result.output
+    assert pq.read_schema(next((tmp_path / "r" / "samples").glob("*.parquet"))).equals(SAMPLES_SCHEMA)  # 0 rows
+
+
+def test_streaming_reader_matches_json_load_across_chunk_boundaries(tmp_path, monkeypatch):
+    import rglf.pipeline.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "CHUNK_BYTES", 7)  # every record straddles several chunks
+    records = [{"id": i, "conversations": conv("Q é ü?", "A" * (i % 13 + 1)), "x": 12345.678e3, "n": None}
+               for i in range(40)] + [12345678, "text", [1, 2]]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    assert [r for _, r in ingest_module.read_records(path)] == records
+    assert [w for w, _ in ingest_module.read_records(path)][:2] == [f"{path}[0]", f"{path}[1]"]
+
+
+def test_duplicate_ids_found_in_bounded_memory(tmp_path, monkeypatch):
+    from rglf.pipeline.ingest import SeenIds
+
+    monkeypatch.setattr(SeenIds, "RECENT", 5)  # force many merges into the sorted arrays
+    seen = SeenIds()
+    firsts = {}
+    for pos, sid in enumerate([f"id{i % 37}" for i in range(200)]):
+        hit = seen.add(sid, 0, pos)
+        if sid in firsts:
+            assert hit == (0, firsts[sid])
+        else:
+            assert hit is None
+            firsts[sid] = pos
+    path = tmp_path / "dups.json"
+    path.write_text(json.dumps(GOOD + [GOOD[1]]))
+    _, _, errors = ingest(tmp_path, path)
+    assert f"first seen at {path}[1]" in errors["duplicate_id"]["reason"]
+
+
+def test_image_root_is_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "image": "x.png", "conversations": conv("<image>\nQ?", "A")}])
+    monkeypatch.chdir(tmp_path)
+    run_ingest(IngestConfig(inputs=[path], image_root=Path("imgs"), out=tmp_path / "run"), log=lambda _: None)
+    assert read(tmp_path / "run" / "samples")[0]["image_root"] == str(tmp_path / "imgs")
+
+
+def test_interrupted_ingest_replaces_nothing(tmp_path, monkeypatch):
+    import rglf.pipeline.ingest as ingest_module
+
+    path = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    run = tmp_path / "run"
+    run_ingest(IngestConfig(inputs=[path], image_root=tmp_path, out=run), log=lambda _: None)
+    before = {p: p.read_bytes() for p in run.rglob("*.parquet")}
+    calls = []
+    real = ingest_module.parse_record
+
+    def parse_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "parse_record", parse_then_ctrl_c)
+    result = CliRunner().invoke(app, ["ingest", str(path), "--image-root", str(tmp_path), "--run", str(run), "--force"])
+    assert result.exit_code == 130, result.output
+    assert "rglf ingest: interrupted after 2 records; nothing was replaced" in result.output
+    assert {p: p.read_bytes() for p in run.rglob("*.parquet")} == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]

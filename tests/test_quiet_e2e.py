@@ -18,8 +18,8 @@ import pytest
 from rglf.model.toy import DEFAULT_CHECKPOINT
 
 RGLF = Path(sys.executable).parent / "rglf"
-# a StageProgress line in non-terminal mode: "<label>: <done>[/<total>] <unit> ..."
-PROGRESS = re.compile(r"^[a-z][a-z -]*: [\d,]+(/[\d,]+)? [a-z]+( \(\d+%\))?(, .*)?$")
+# a StageProgress line in non-terminal mode: "<label>: <done>[/<total>] <unit> ..." (units: samples, steps, MiB, ...)
+PROGRESS = re.compile(r"^[a-z][a-z -]*: [\d,]+(/[\d,]+)? [A-Za-z]+( \(\d+%\))?(, .*)?$")
 CHATTER = re.compile(
     r"\bINFO\b|\bWARNING\b|\bWARN\b|Loading weights|core_worker|raylet|\(pid=|Tip:|Traceback|it/s\]|"
     r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d"

@@ -22,8 +22,8 @@ from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHE
 from rglf.model.toy.task import TOY_VOCABULARY, ToyDatasetConfig, write_dataset
 from rglf.model.toy.tiny import build_tiny_model, save_tiny_checkpoint
 from rglf.pipeline import images
-from rglf.pipeline.score import ScoreConfig, ScoreRefused, check_router_inputs, prepare_output
-from rglf.pipeline.writer import batch_key, dedupe, part_path, scan_output, write_batch
+from rglf.pipeline.score import ScoreConfig, ScoreRefused, prepare_output
+from rglf.pipeline.writer import RunIndex, batch_key, dedupe, part_path, scan_output, write_batch
 
 BG = (128, 128, 128)
 MAX_POSITIONS = 1024  # small context, so a long answer is "too long" without a huge file
@@ -116,9 +116,12 @@ def test_bad_image_files_are_rejected_with_a_named_reason(tmp_path):
     }
     for name, (code, words) in expected.items():
         with pytest.raises(images.ImageRejected) as info:
-            images.load_rgb(tmp_path / name)
+            images.load_rgb(tmp_path / name, max_aspect=20, min_side=10)  # explicit limits (off by default)
         assert info.value.code == code and words in info.value.reason, (name, info.value.reason)
     assert images.load_rgb(good).size == (64, 48)
+    # the defaults reject only what cannot be scored: elongated and tiny images are fine
+    assert images.load_rgb(tmp_path / "wide.png").size == (420, 20)
+    assert images.load_rgb(tmp_path / "thin.png").size == (60, 6)
 
 
 def test_image_stage_crops_equal_frozen_lmm_preprocess(ckpt):
@@ -149,6 +152,7 @@ def test_image_stage_crops_equal_frozen_lmm_preprocess(ckpt):
         ({"batch_size": 0}, "batch_size"),
         ({"workers": 1.5}, "workers"),
         ({"max_aspect": 0.5}, "max_aspect"),
+        ({"placement_timeout": -1}, "placement_timeout"),
     ],
 )
 def test_score_config_rejects_bad_values(tmp_path, kwargs, words):
@@ -186,20 +190,21 @@ def test_commit_protocol_leftovers_are_removed_and_duplicates_compacted(tmp_path
 
     # the same sample committed by two different batches: the first part by name wins
     write_batch(tmp_path, batch_key(["a", "d"]), _feedback(["a", "d"]), empty_router, ERRORS_SCHEMA.empty_table())
-    assert dedupe(tmp_path, "feedback") == 2
+    assert dedupe(tmp_path) == 2
     keys = scan_output(tmp_path).feedback_keys
     assert sorted(zip(keys["sample_id"].to_pylist(), keys["level_tokens"].to_pylist(), strict=True)) == [
         ("a", 9), ("a", 36), ("d", 9), ("d", 36)
     ]
-    assert dedupe(tmp_path, "feedback") == 0
+    assert dedupe(tmp_path) == 0
 
 
 def test_a_batch_committed_without_its_router_inputs_is_uncommitted(tmp_path):
     write_batch(tmp_path, "k1", _feedback(["a"]), ROUTER_INPUTS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table())
-    with pytest.raises(RuntimeError, match="rerun"):
-        check_router_inputs(tmp_path)
+    index = RunIndex.load(tmp_path)
+    assert index.check_router_inputs() == ["k1"]
     assert not part_path(tmp_path, "feedback", "k1").exists()  # "a" is pending again
-    check_router_inputs(tmp_path)
+    assert RunIndex.load(tmp_path).check_router_inputs() == []
+    assert index.done([9, 36])[0].to_pylist() == []
 
 
 def test_changed_model_or_ladder_is_refused_and_force_moves_outputs_aside(tmp_path):
@@ -216,7 +221,7 @@ def test_changed_model_or_ladder_is_refused_and_force_moves_outputs_aside(tmp_pa
     forced = ScoreConfig(run_dir=tmp_path, model=tmp_path, force=True)
     assert prepare_output(forced, "m@2", ladder, print) is None
     (aside,) = tmp_path.glob(".replaced-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["errors", "feedback", "run.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["errors", "feedback", "run.json"]  # no index was written
     assert not (tmp_path / "feedback").exists() and not (tmp_path / "run.json").exists()
     assert [p.name for p in (tmp_path / "errors").iterdir()] == ["ingest-00000.parquet"]
 
@@ -259,13 +264,19 @@ def build_dataset(root: Path) -> tuple[list[Path], dict[str, str], dict[str, str
     (special / "truncated.png").write_bytes(good.read_bytes()[:300])
     (special / "corrupt.png").write_bytes(bytes(rng.integers(0, 256, 500, dtype=np.uint8)))
     (special / "empty.png").write_bytes(b"")
-    Image.new("RGB", (420, 20), (9, 9, 9)).save(special / "wide.png")
+    Image.new("RGB", (2000, 40), (9, 9, 9)).save(special / "wide.png")  # 50:1, scored (issue 13, case 7)
     Image.new("RGB", (60, 6), (9, 9, 9)).save(special / "thin.png")
+    # references leaving the image root (issue 13, case 3): never opened, whatever they point at
+    outside = root / "outside.png"
+    Image.fromarray(rgb).save(outside)
+    (special / "link-out.png").symlink_to(outside)
+    (special / "link-in.png").symlink_to(good)  # a symlink that stays inside the root is fine
 
     q = "<image>\nWhat colour is the background?"
     records = [
         {"id": f"mode-{name.split('.')[0]}", "image": f"special/{name}", "conversations": _conv(q, "red")}
-        for name in ("p.png", "p_alpha.png", "rgba.png", "la.png", "pa.tif", "l.png", "i.tif", "i16.png")
+        for name in ("p.png", "p_alpha.png", "rgba.png", "la.png", "pa.tif", "l.png", "i.tif", "i16.png",
+                     "wide.png", "thin.png", "link-in.png")
     ]
     records += [
         {"id": "text-only", "conversations": _conv("Is the square plain?", "yes")},
@@ -277,8 +288,9 @@ def build_dataset(root: Path) -> tuple[list[Path], dict[str, str], dict[str, str
         "bad-truncated": ("special/truncated.png", "truncated_image"),
         "bad-corrupt": ("special/corrupt.png", "corrupt_image"),
         "bad-empty": ("special/empty.png", "empty_file"),
-        "bad-wide": ("special/wide.png", "extreme_aspect"),
-        "bad-thin": ("special/thin.png", "too_small"),
+        "bad-absolute": (str(outside), "outside_root"),
+        "bad-dotdot": ("special/../../outside.png", "outside_root"),
+        "bad-symlink": ("special/link-out.png", "outside_root"),
     }
     records += [{"id": sid, "image": image, "conversations": _conv(q, "red")} for sid, (image, _) in rejected.items()]
     records.append({"id": "bad-too-long", "image": toy_image, "conversations": _conv(q, " ".join(["red"] * 1100))})
@@ -322,11 +334,11 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     assert result.exit_code == 3, result.output  # some records were rejected
     result = runner.invoke(app, ["score", "--run", str(run), "--model", str(ckpt), "--batch-size", "4"])
     assert result.exit_code == 3, result.output  # some inputs were rejected
-    assert "7 rejected" in result.output and "MB/sample" in result.output
+    assert "8 rejected" in result.output and "MB/sample" in result.output
 
     samples = pq.read_table(run / "samples").to_pylist()
     valid = [s for s in samples if s["sample_id"] not in score_rejected]
-    assert len(valid) == 6 + 8 + 2
+    assert len(valid) == 6 + 11 + 2
     lmm = FrozenLMM.from_pretrained(ckpt)
     levels = lmm.ladder.tokens
 
@@ -341,7 +353,10 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     at_score = {e["sample_id"]: e for e in errors if e["stage"] != "ingest"}
     assert {sid: e["code"] for sid, e in at_score.items()} == score_rejected
     for sid, e in at_score.items():
-        assert e["reason"].startswith("special/" if sid != "bad-too-long" else "images/"), e["reason"]
+        image = next(s["image"] for s in samples if s["sample_id"] == sid)
+        assert e["reason"].startswith(f"{image}: "), e["reason"]  # names the input
+        if e["code"] == "outside_root":
+            assert "outside the image root" in e["reason"] and "not opened" in e["reason"]
     assert "exceed the model's context of 1024" in at_score["bad-too-long"]["reason"]
     at_ingest = {e["sample_id"] or "": e["code"] for e in errors if e["stage"] == "ingest"}
     assert at_ingest == ingest_rejected
@@ -376,10 +391,33 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     # router_side, written once by an actor, and the resolved run.json
     side = RouterSide.load(run / "router_side")
     torch.testing.assert_close(side.embed_tokens.weight, lmm.embed.weight.float())
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["model_id"] == lmm.model_id
     assert record["ladder"]["tokens"] == list(levels) and record["config"]["batch_size"] == 4
-    assert record["counts"]["feedback_rows"] == len(feedback) and record["counts"]["rejected_samples"] == 7
+    assert record["counts"]["feedback_rows"] == len(feedback) and record["counts"]["rejected_samples"] == 8
     assert record["counts"]["ingest_rejected"] == 3 and record["exit_code"] == 3
     assert record["router_inputs"]["bytes_per_sample_mean"] > 0
+
+
+def test_index_rows_read_in_bulk_equal_those_read_part_by_part(tmp_path):
+    from rglf.pipeline.writer import _part_keys, _read_part, _read_parts
+
+    router = pa.Table.from_pylist(
+        [{"sample_id": s, "n_crops": 2, "grid": 3, "vision_hidden": 4, "vision_features": b"\0" * 144,
+          "instruction_ids": [1, 2], "image_size": [9, 9]} for s in ("a0", "a1")], schema=ROUTER_INPUTS_SCHEMA)
+    for k in range(6):
+        ids = [f"{chr(97 + k)}{i}" for i in range(3)]
+        write_batch(tmp_path, f"k{k}", _feedback(ids[:2]), router if k == 0 else ROUTER_INPUTS_SCHEMA.empty_table(),
+                    _errors(ids[2:]) if k % 2 else ERRORS_SCHEMA.empty_table())
+    write_batch(tmp_path, "k9", _feedback([]), ROUTER_INPUTS_SCHEMA.empty_table(), _errors(["z"]))  # all rejected
+    listing = _part_keys(tmp_path, "feedback", with_stat=True)
+
+    def canonical(t: pa.Table) -> list[dict]:
+        return sorted(({**r, "levels": sorted(r["levels"])} for r in t.to_pylist()), key=lambda r: (r["part"], r["sample_id"]))
+
+    one_by_one = pa.concat_tables([_read_part(tmp_path, k, listing[k]) for k in sorted(listing)])
+    assert canonical(_read_parts(tmp_path, sorted(listing), listing)) == canonical(one_by_one)
+    rows = {(r["part"], r["sample_id"]): r for r in one_by_one.to_pylist()}
+    assert rows[("k0", "a0")]["router_bytes"] == 2 * 9 * 4 * 2 + 8 and rows[("k1", "b2")]["code"] == "c"
+    assert rows[("k9", "z")]["levels"] == [] and rows[("k9", "z")]["n_crops"] is None
