@@ -155,6 +155,33 @@ def row_nbytes(row: dict[str, Any]) -> int:
     return n + 4 * len(row.get("instruction_ids") or ())
 
 
+BYTES_FORMULA = {
+    "fp16": "n_crops * grid^2 * vision_hidden * 2 + 4 * n_instruction_ids",
+    "fp8": "n_crops * grid^2 * vision_hidden + n_crops * vision_hidden * 4 (scales) + 4 * n_instruction_ids",
+    "pixels": "the image reference + 4 * n_instruction_ids (the image file itself stays under the image root)",
+    "none": "0 (no router inputs)",
+}
+STORED_COLUMNS = ("vision_features", "feature_scales", "instruction_ids", "image")
+
+
+def stored_nbytes(files) -> tuple[int, int]:
+    """(rows, bytes) that ``router_inputs`` part files store for the router: the uncompressed size of
+    the feature, scale, instruction and image-reference columns, from the Parquet metadata alone."""
+    import pyarrow.parquet as pq
+
+    rows = total = 0
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        rows += md.num_rows
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                if col.path_in_schema.split(".")[0] in STORED_COLUMNS:
+                    total += col.total_uncompressed_size
+    return rows, total
+
+
 # ---- pixels: the frozen vision tower ----------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rglf.model.lmm import RouterSide
-from rglf.model.router_inputs import VISION_DIR, VisionSide, decode_vision
+from rglf.model.router_inputs import VISION_DIR, VisionSide, decode_vision, stored_nbytes
 from rglf.model.scaler import Ladder, LadderError
 from rglf.model.tables import TableNotFound, open_tables, table_files
 
@@ -188,12 +188,16 @@ class Unit:
 
 @dataclass
 class Sample:
-    """One sample's decoded payload."""
+    """One sample's payload as stored (decoded to float32 only when its batch is made)."""
 
     index: int
-    vision: np.ndarray | None  # float32 (n_crops, grid^2, dv); None until a pixels sample is encoded
     instruction_ids: np.ndarray  # int32
-    image: tuple[str, str | None] | None = None  # pixels mode: (image, image_root)
+    encoding: str  # fp16 / fp8 / pixels
+    n_crops: int
+    features: Any = None  # the stored feature bytes (a pyarrow buffer); fp16 / fp8
+    scales: Any = None  # fp8: float32 (n_crops, dv) scales
+    image: tuple[str, str | None] | None = None  # pixels: (image, image_root)
+    vision: np.ndarray | None = None  # float32 (n_crops, grid^2, dv), once decoded / encoded
 
 
 @dataclass
@@ -264,25 +268,31 @@ class RouterData:
         return out
 
     def read_unit(self, unit: Unit) -> list[Sample]:
-        """Read one row group's selected samples (fp16 / fp8 decoded to float32; pixels: references)."""
+        """Read one row group's selected samples, as stored (``decode`` makes the float32 features)."""
         f = pq.ParquetFile(self.files[unit.file])
         names = [c for c in PAYLOAD_COLUMNS if c in f.schema_arrow.names]
         table = f.read_row_group(unit.row_group, columns=names).take(pa.array(unit.rows, pa.int64()))
         cols = {c: table.column(c) for c in names}
         out = []
         for k, i in enumerate(unit.members.tolist()):
-            enc = cols["encoding"][k].as_py() if "encoding" in cols else None
+            enc = (cols["encoding"][k].as_py() if "encoding" in cols else None) or "fp16"
             ids = np.asarray(cols["instruction_ids"][k].values.to_numpy(zero_copy_only=False), dtype=np.int32)
+            sample = Sample(i, ids, enc, int(cols["n_crops"][k].as_py()))
             if enc == "pixels":
-                out.append(Sample(i, None, ids, (cols["image"][k].as_py(), cols["image_root"][k].as_py())))
-                continue
-            scales = cols["feature_scales"][k].as_buffer() if "feature_scales" in cols else None
-            vision = decode_vision(
-                enc, cols["vision_features"][k].as_buffer(), scales, int(cols["n_crops"][k].as_py()), self.grid,
-                self.vision_hidden, sample_id=self.sample_ids[i],
-            )
-            out.append(Sample(i, vision, ids))
+                sample.image = (cols["image"][k].as_py(), cols["image_root"][k].as_py())
+            else:
+                sample.features = cols["vision_features"][k].as_buffer()
+                sample.scales = cols["feature_scales"][k].as_buffer() if "feature_scales" in cols else None
+            out.append(sample)
         return out
+
+    def decode(self, samples: list[Sample], device: torch.device | str = "cpu") -> None:
+        """Fill ``vision`` (float32) of every sample: fp16 / fp8 decoded, pixels re-encoded by the vision tower."""
+        for s in samples:
+            if s.vision is None and s.encoding != "pixels":
+                s.vision = decode_vision(s.encoding, s.features, s.scales, s.n_crops, self.grid, self.vision_hidden,
+                                         sample_id=self.sample_ids[s.index])
+        self.encode_pixels(samples, device)
 
     def vision_side(self, device: torch.device | str = "cpu") -> VisionSide:
         """The frozen vision tower of a pixels-mode run (loaded once)."""
@@ -312,7 +322,7 @@ class RouterData:
         for unit in self.units(indices):
             got.update((s.index, s) for s in self.read_unit(unit))
         out = [got[int(i)] for i in indices]
-        self.encode_pixels(out, device)
+        self.decode(out, device)
         return out
 
     def vision(self, i: int) -> np.ndarray:
@@ -321,6 +331,10 @@ class RouterData:
 
     def instruction(self, i: int) -> np.ndarray:
         return self.fetch([i])[0].instruction_ids
+
+
+def _per_row(rows: int, nbytes: int) -> float:
+    return nbytes / rows if rows else 0.0
 
 
 def _location_frame(run_dir: Path, files: list[Path]):
@@ -364,9 +378,11 @@ def load_router_data(
     import polars as pl
 
     run_dir, rank_dir = Path(run_dir), Path(rank_dir)
+    if not run_dir.is_dir():
+        raise RouterDataError(f"{run_dir}: no such run folder: expected the output of `rglf score`")
     try:
         rankings = open_tables(rank=rank_dir).rankings
-        files = table_files(run_dir / "router_inputs")
+        files = table_files(run_dir / "router_inputs") if (run_dir / "router_inputs").is_dir() else []
     except TableNotFound as err:
         raise RouterDataError(f"{err}: expected the output of `rglf rank` / `rglf score`") from None
     names = rankings.collect_schema().names()
@@ -479,7 +495,7 @@ def load_router_data(
         "rerank_tolerance": {"abs_tol": tol[0], "rel_tol": tol[1]},
         "val_carved_from_train": carved,
         "encodings": sorted(set(encoding.tolist())),
-        "bytes_per_sample": stored_bytes_per_sample(files),
+        "bytes_per_sample": _per_row(*stored_nbytes(files)),
     }
     return RouterData(
         sample_ids=[str(s) for s in kept["sample_id"].to_list()],
@@ -500,18 +516,6 @@ def load_router_data(
         encoding=encoding,
         run_dir=run_dir,
     )
-
-
-def stored_bytes_per_sample(files: Sequence[str | Path]) -> float:
-    """Mean bytes a router_inputs row stores (uncompressed, from the Parquet metadata alone)."""
-    total, rows = 0, 0
-    for f in files:
-        md = pq.ParquetFile(f).metadata
-        rows += md.num_rows
-        for g in range(md.num_row_groups):
-            rg = md.row_group(g)
-            total += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns))
-    return total / rows if rows else 0.0
 
 
 # ---- the stream --------------------------------------------------------------------------------
@@ -636,7 +640,7 @@ def make_batch(data: RouterData, samples: list[Sample], side: RouterSide, device
     """Project (frozen) and pad decoded samples; with ``router``, also its no-grad ``prepare`` step."""
     device = torch.device(device)
     bsz, g2 = len(samples), data.grid * data.grid
-    data.encode_pixels(samples, device)
+    data.decode(samples, device)
     crops = [s.vision for s in samples]
     n_max = max(c.shape[0] for c in crops)
     real = torch.from_numpy(np.concatenate(crops)).to(device)  # (R, g^2, dv)
