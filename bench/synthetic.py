@@ -135,6 +135,7 @@ def write_synthetic_tables(
     vocab: int = 24,
     splits: tuple[float, float] = (0.15, 0.15),
     with_split_column: bool = True,
+    row_group_size: int | None = None,
 ) -> dict[str, Any]:
     """A run + rank folder where the best level is set by a key token in the instruction.
 
@@ -142,6 +143,7 @@ def write_synthetic_tables(
     crops of random features, an instruction of 3-6 random filler ids (4..vocab-1) with one key
     id (1, 2 or 3 -> best level 0, 2 or 4), and NLLs ``0.1 + 0.4 |level - best|`` + noise.
     Splits (val, test fractions) by hash; ``with_split_column=False`` leaves them null.
+    ``row_group_size``: rows per router_inputs row group (the stream's unit; None: one).
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -176,7 +178,7 @@ def write_synthetic_tables(
         ids.append(sid)
         src.append(f"key{key}")
         spl.append(hash_split(sid, splits[0], splits[1]) if with_split_column else None)
-    write_router_inputs(run_dir, rows)
+    write_router_inputs(run_dir, rows, row_group_size=row_group_size)
     (run_dir / "run.json").write_text(json.dumps({"ladder": ladder.spec, "synthetic": True}) + "\n")
     greedy = nll < 0.3
     write_rankings(rank_dir, ids, src, spl, ladder.tokens, nll, greedy, n_visual)

@@ -127,7 +127,7 @@ def test_open_tables_gives_lazy_frames_and_tells_missing_from_empty(tmp_path):
     with pytest.raises(TableNotFound):
         open_tables(run=tmp_path / "nope")
     with pytest.raises(TableNotFound):
-        open_tables(run=run).pairs
+        open_tables(run=run).scan("pairs")
 
 
 def _train_cmd(run: Path, rank: Path, out: Path) -> list[str]:
