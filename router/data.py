@@ -212,13 +212,13 @@ class RouterData:
     vision_hidden: int
     n_crops: np.ndarray  # (S,) int
     nll: np.ndarray  # (S, N) float64 nll_mean
-    order: np.ndarray  # (S, N) int64 level indices best first
+    order: np.ndarray  # (S, N) int8 level indices best first
     greedy: np.ndarray  # (S, N) bool greedy_match
-    n_visual_tokens: np.ndarray  # (S, N) int
+    n_visual_tokens: np.ndarray  # (S, N) int32
     info: dict[str, Any]
     files: list[str]  # router_inputs part files
     file_index: np.ndarray  # (S,) int32 into files
-    row: np.ndarray  # (S,) int64: row within the file
+    row: np.ndarray  # (S,) int32: row within the file
     encoding: np.ndarray  # (S,) str: fp16 / fp8 / pixels
     run_dir: Path | None = None
     _row_groups: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # file -> first row of each group
@@ -467,22 +467,22 @@ def load_router_data(
     grid, dv = int(grids.pop()), int(dvs.pop())
 
     def wide(name: str, dtype) -> np.ndarray:
-        return np.asarray(kept[name].to_list(), dtype=dtype).reshape(len(rows), n_levels)
+        return kept[name].explode().to_numpy().astype(dtype).reshape(len(rows), n_levels)
 
     keep_cols = [all_tokens.index(t) for t in tokens]
     nll, rank = wide("nll_mean", np.float64), wide("rank", np.int64)
     if tokens == all_tokens:
         if not (np.sort(rank, axis=1) == np.arange(1, n_levels + 1)).all():
             raise RouterDataError("rankings: ranks of a sample must be 1..n_levels")
-        order = np.argsort(rank, axis=1, kind="stable")  # ranks 1..N -> level indices best first
+        order = np.argsort(rank, axis=1, kind="stable").astype(np.int8)  # ranks 1..N -> level indices best first
         tol: tuple[float | None, float | None] = (None, None)
     else:
         a, r = rank_tolerances(rank_dir)
         tol = (a if abs_tol is None else abs_tol, r if rel_tol is None else rel_tol)
-        order = rank_order(nll[:, keep_cols], tokens, *tol)
+        order = rank_order(nll[:, keep_cols], tokens, *tol).astype(np.int8)
 
     ladder = resolve_ladder(run_dir, grid, tokens)
-    n_crops = kept["n_crops"].to_numpy().astype(np.int64)
+    n_crops = kept["n_crops"].to_numpy().astype(np.int16)
     encoding = kept["encoding"].to_numpy().astype(str)
     info = {
         "n_ranked": n_ranked,
@@ -508,11 +508,11 @@ def load_router_data(
         nll=nll[:, keep_cols],
         order=order,
         greedy=wide("greedy_match", bool)[:, keep_cols],
-        n_visual_tokens=wide("n_visual_tokens", np.int64)[:, keep_cols],
+        n_visual_tokens=wide("n_visual_tokens", np.int32)[:, keep_cols],
         info=info,
         files=[str(f) for f in files],
         file_index=kept["file_index"].to_numpy().astype(np.int32),
-        row=kept["row"].to_numpy().astype(np.int64),
+        row=kept["row"].to_numpy().astype(np.int32),
         encoding=encoding,
         run_dir=run_dir,
     )
@@ -666,7 +666,7 @@ def make_batch(data: RouterData, samples: list[Sample], side: RouterSide, device
         text_embeds=text_embeds,
         text_mask=text_mask.to(device),
         nll=torch.from_numpy(data.nll[idx]).float().to(device),
-        order=torch.from_numpy(data.order[idx]).to(device),
+        order=torch.from_numpy(data.order[idx]).long().to(device),
         index=idx,
     )
     if router is not None:
