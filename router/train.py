@@ -21,7 +21,7 @@ per window) and trains on the step's samples that live there, in micro-batches (
 accumulation); every micro-batch loss is weighted by its share of the global batch, and the
 workers' gradients are summed, so the update is the global batch's mean gradient whatever the
 split (up to float summation order and dropout draws). Memory does not grow with the data: the
-trainer holds the index (~100 bytes per sample) and one or two shuffle windows of payload.
+trainer holds the index (~170 bytes per sample) and one or two shuffle windows of payload.
 
 Engines: one process (CPU, or one GPU with bf16 autocast), or Ray Train's ``TorchTrainer``
 (``num_workers > 1``; one process per GPU or CPU slot, torch.distributed set up by Ray). The
