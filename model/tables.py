@@ -35,6 +35,7 @@ Nothing is read until ``.collect()``; the scans read only the columns and row gr
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,13 +152,16 @@ def scan_table(folder: str | Path, schema: pa.Schema | None = None) -> pl.LazyFr
     return pl.scan_parquet(files, schema=target, missing_columns="insert", extra_columns="ignore")
 
 
-@dataclass(frozen=True)
-class Tables:
+@dataclass(frozen=True, eq=False)
+class Tables(Mapping):
     """A scoring folder (``run``) and/or a ranking folder (``rank``) as polars LazyFrames.
 
     Attributes (each a fresh lazy scan): ``samples``, ``feedback``, ``errors``, ``router_inputs``
     (of ``run``) and ``rankings``, ``pairs``, ``preferences``, ``excluded`` (of ``rank``). A table
-    whose folder is missing raises ``TableNotFound``; an empty one is an empty frame.
+    whose folder is missing raises ``TableNotFound``; an empty one is an empty frame. ``errors`` of
+    a run is always there (empty when nothing was rejected: the scoring job then writes no part),
+    as in ``rglf sql``. Also a read-only mapping of the available tables: ``t["rankings"]``,
+    ``set(t)``, ``"pairs" in t``.
     """
 
     run: Path | None = None
@@ -172,6 +176,10 @@ class Tables:
             raise KeyError(f"unknown table {name!r}; known: {', '.join(RUN_TABLES + RANK_TABLES)}")
         if root is None:
             raise TableNotFound(f"table {name!r} lives in the {flag} folder: open_tables({flag}=...)")
+        if name == "errors" and not (Path(root) / name).is_dir():
+            import polars as pl
+
+            return pl.from_arrow(ERRORS_SCHEMA.empty_table()).lazy()
         return scan_table(Path(root) / name, SCHEMAS.get(name))
 
     samples = property(lambda self: self.scan("samples"))
@@ -184,11 +192,24 @@ class Tables:
     excluded = property(lambda self: self.scan("excluded"))
 
     def available(self) -> list[str]:
-        """Names of the tables whose folders exist."""
+        """Names of the tables that can be scanned: their folders exist (a run's ``errors``: always)."""
         out = []
         for names, root in ((RUN_TABLES, self.run), (RANK_TABLES, self.rank)):
-            out += [n for n in names if root is not None and (Path(root) / n).is_dir()]
+            if root is not None:
+                out += [n for n in names if (Path(root) / n).is_dir() or (n == "errors" and root is self.run)]
         return out
+
+    def __getitem__(self, name: str) -> pl.LazyFrame:
+        return self.scan(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.available())
+
+    def __len__(self) -> int:
+        return len(self.available())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.available()
 
     def sql(self, query: str) -> pl.LazyFrame:
         """A polars SQL query over every available table (by name), lazily."""
@@ -205,3 +226,15 @@ def open_tables(run: str | Path | None = None, rank: str | Path | None = None) -
         if path is not None and not Path(path).is_dir():
             raise TableNotFound(f"{path}: no such {name} folder")
     return Tables(Path(run) if run is not None else None, Path(rank) if rank is not None else None)
+
+
+def open_run(run: str | Path) -> Tables:
+    """A scoring folder's tables as polars LazyFrames: ``samples``, ``feedback``, ``errors`` (always;
+    empty when nothing was rejected), ``router_inputs``; missing folders are left out of the mapping."""
+    return open_tables(run=run)
+
+
+def open_rank(rank: str | Path) -> Tables:
+    """A ranking folder's tables (``rglf rank --out``) as polars LazyFrames: ``rankings``, ``pairs``,
+    ``preferences``, ``excluded``."""
+    return open_tables(rank=rank)

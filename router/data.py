@@ -65,7 +65,7 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -785,10 +785,12 @@ def router_logits(
     *,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    tick: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Router logits ``(len(indices), N)`` in eval mode (float64 numpy), in the order of ``indices``.
 
-    Streams the samples in storage order (each row group read once), then puts the rows back."""
+    Streams the samples in storage order (each row group read once), then puts the rows back;
+    ``tick(n)`` after each batch of ``n`` samples (progress)."""
     was_training = router.training
     router.eval()
     idx = np.asarray(indices, dtype=np.int64)
@@ -801,5 +803,7 @@ def router_logits(
         logits = router.forward_prepared(b.prepared).double().cpu().numpy()
         for row, i in zip(logits, b.index.tolist(), strict=True):
             out[where[i]] = row
+        if tick is not None:
+            tick(sum(len(where[i]) for i in b.index.tolist()))
     router.train(was_training)
     return out

@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 import torch
 
+import rglf
 from bench.synthetic import write_rankings, write_router_inputs, write_synthetic_tables
 from rglf.model.lmm import RouterSide
 from rglf.model.router import load_router
@@ -120,10 +121,14 @@ def test_open_tables_gives_lazy_frames_and_tells_missing_from_empty(tmp_path):
     ri = t.router_inputs.select("sample_id", "n_crops", "encoding").collect()
     assert ri.height == 30 and ri["encoding"].to_list() == ["fp16"] * 30
     assert t.sql("select count(*) as n from rankings where rank = 1").collect()["n"][0] == 30
-    (run / "errors").mkdir()
-    assert t.errors.collect().height == 0 and "code" in t.errors.collect_schema().names()  # empty, not missing
+    # a run that rejected nothing has no errors/ folder: empty, not missing (as in `rglf sql`)
+    assert t.errors.collect().height == 0 and "code" in t.errors.collect_schema().names()
     with pytest.raises(TableNotFound):
         t.feedback.collect()  # missing
+    # a read-only mapping of what is there (rglf.open_run / open_rank are these openers)
+    assert set(t) == {"errors", "router_inputs", "rankings"} and "feedback" not in t and len(t) == 3
+    assert t["rankings"].select(pl.len()).collect().item() == t.rankings.select(pl.len()).collect().item()
+    assert rglf.open_rank(rank).keys() == {"rankings"} and set(rglf.open_run(run)) == {"errors", "router_inputs"}
     with pytest.raises(TableNotFound):
         open_tables(run=tmp_path / "nope")
     with pytest.raises(TableNotFound):
