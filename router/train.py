@@ -84,6 +84,7 @@ from rglf.router.data import (
     iter_steps,
     load_router_data,
 )
+from rglf.router.preflight import TrainRefused  # also a resume that would not be exact (router config, order)
 
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.json"
@@ -301,12 +302,6 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     path = marker.parent / marker.read_text().strip()
     return path if (path / TRAINER_STATE).is_file() else None
-
-
-class TrainRefused(ValueError):
-    """A resume that would not be exact (another router config or sample order than the checkpoint's)."""
-
-    exit_code = 2  # cli.EXIT_CODES: refused
 
 
 def save_checkpoint(cfg: TrainConfig, router, opt, sched, step: int, history: list[dict],
