@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     p.add_argument("--steps", type=int, default=8, help="trainer steps per mode (batch 16)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--agreement", nargs=2, type=Path, metavar=("RUN", "RANK"), help="a demo's run and rank folders")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="router seeds of the agreement comparison, e.g. 0,1,2")
+    p.add_argument("--agreement-only", action="store_true", help="skip the bytes and samples/s part")
     args = p.parse_args(argv)
     import torch
 
@@ -152,64 +156,89 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
 
     hf_logging.disable_progress_bar()
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="rglf-bench-modes-") as tmp:
-        work = Path(tmp)
-        fp16, rank = score_toy(work, args.samples)
-        runs = {"fp16": fp16, **{m: derive(fp16, m, work / m) for m in MODES[1:]}}
-        from rglf.model.router_inputs import stored_nbytes
+    if not args.agreement_only:
+        with tempfile.TemporaryDirectory(prefix="rglf-bench-modes-") as tmp:
+            work = Path(tmp)
+            fp16, rank = score_toy(work, args.samples)
+            runs = {"fp16": fp16, **{m: derive(fp16, m, work / m) for m in MODES[1:]}}
+            from rglf.model.router_inputs import stored_nbytes
 
-        for mode, run in runs.items():
-            files = table_files(run / "router_inputs") if (run / "router_inputs").is_dir() else []
-            n, stored = stored_nbytes(files)
-            extra = image_bytes(run) if mode == "pixels" else 0.0
-            rate = None
-            if mode != "none":
-                m = train_router(TrainConfig(run=run, rank=rank, out=work / f"router-{mode}", max_steps=args.steps,
-                                             batch_size=16, micro_batch_size=16, threads=args.threads, progress=False,
-                                             val_fraction=0.0, eval_every=10**6))
-                rate = m["samples_per_s"]
-            results[mode] = {"bytes_per_sample": stored / n if n else 0.0, "read_per_sample": extra, "samples_per_s": rate}
-    print(f"router inputs per mode, embedded default ({args.samples} toy samples, 2-3 crops of 576 x 64; "
-          f"{args.steps} trainer steps of 16, {args.threads} threads):")
-    base = results["fp16"]["samples_per_s"]
-    for mode, r in results.items():
-        rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:6.1f} samples/s ({r['samples_per_s'] / base:.2f}x)"
-        extra = f" + {r['read_per_sample'] / 1e3:.1f} kB image file" if r["read_per_sample"] else ""
-        print(f"  {mode:7s} {r['bytes_per_sample'] / 1e3:8.1f} kB/sample stored{extra:24s} trainer {rate}")
-    print("computed at 7B LLaVA-NeXT shapes (672x672: 5 crops of 576 x 1024, d 4096):")
-    for mode, size, compute in at_7b():
-        print(f"  {mode:7s} {size:24s} trainer compute per sample, relative: {compute}")
+            for mode, run in runs.items():
+                files = table_files(run / "router_inputs") if (run / "router_inputs").is_dir() else []
+                n, stored = stored_nbytes(files)
+                extra = image_bytes(run) if mode == "pixels" else 0.0
+                rate = None
+                if mode != "none":
+                    m = train_router(TrainConfig(run=run, rank=rank, out=work / f"router-{mode}", max_steps=args.steps,
+                                                 batch_size=16, micro_batch_size=16, threads=args.threads, progress=False,
+                                                 val_fraction=0.0, eval_every=10**6))
+                    rate = m["samples_per_s"]
+                results[mode] = {"bytes_per_sample": stored / n if n else 0.0, "read_per_sample": extra, "samples_per_s": rate}
+        print(f"router inputs per mode, embedded default ({args.samples} toy samples, 2-3 crops of 576 x 64; "
+              f"{args.steps} trainer steps of 16, {args.threads} threads):")
+        base = results["fp16"]["samples_per_s"]
+        for mode, r in results.items():
+            rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:6.1f} samples/s ({r['samples_per_s'] / base:.2f}x)"
+            extra = f" + {r['read_per_sample'] / 1e3:.1f} kB image file" if r["read_per_sample"] else ""
+            print(f"  {mode:7s} {r['bytes_per_sample'] / 1e3:8.1f} kB/sample stored{extra:24s} trainer {rate}")
+        print("computed at 7B LLaVA-NeXT shapes (672x672: 5 crops of 576 x 1024, d 4096):")
+        for mode, size, compute in at_7b():
+            print(f"  {mode:7s} {size:24s} trainer compute per sample, relative: {compute}")
     if args.agreement:
-        results["agreement"] = agreement(*args.agreement, threads=args.threads)
+        results["agreement"] = agreement(*args.agreement, threads=args.threads, seeds=args.seeds)
     return results
 
 
-def agreement(run: Path, rank: Path, *, threads: int) -> dict[str, float]:
-    """Routers trained from fp16 and from fp8 router inputs of the same demo run: test-split agreement."""
+def agreement(run: Path, rank: Path, *, threads: int, seeds: Sequence[int] = (0,)) -> dict[str, Any]:
+    """Routers trained from fp16 and from fp8 router inputs of the same demo run, per seed (the demo's settings:
+    6 epochs, batch 16, lr 2e-3): test-split agreement, accuracy and tokens of each, their paired difference,
+    and the fp16-trained router run on fp8 inputs (the quantisation alone: same weights, only the inputs differ)."""
+    from rglf.model.lmm import RouterSide
+    from rglf.model.router import load_router
+    from rglf.router.data import load_router_data, router_logits
     from rglf.router.evaluate import EvalConfig, evaluate_router
     from rglf.router.train import TrainConfig, train_router
 
-    out: dict[str, float] = {}
+    rows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="rglf-bench-agree-") as tmp:
         fp8 = derive(run, "fp8", Path(tmp) / "fp8")
-        for mode, r in (("fp16", run), ("fp8", fp8)):
-            folder = Path(tmp) / f"router-{mode}"
-            train_router(TrainConfig(run=r, rank=rank, out=folder, epochs=6, batch_size=16, lr=2e-3, threads=threads,
-                                     progress=False))
-            result = evaluate_router(EvalConfig(run=r, rank=rank, router=folder, out=Path(tmp) / f"eval-{mode}"))
-            out[mode] = result["policies"]["router"]["agreement"]
-            print(f"  {mode}: test agreement {100 * out[mode]:.1f}%, accuracy "
-                  f"{100 * result['policies']['router']['accuracy']:.1f}%, tokens "
-                  f"{100 * result['policies']['router']['token_fraction']:.1f}% of always-finest", flush=True)
-        # the quantisation alone: the fp16-trained router, run on fp8 inputs at inference
-        cross = evaluate_router(EvalConfig(run=fp8, rank=rank, router=Path(tmp) / "router-fp16",
-                                           out=Path(tmp) / "eval-cross"))
-        out["fp16_router_on_fp8_inputs"] = cross["policies"]["router"]["agreement"]
-        print(f"  fp16-trained router on fp8 inputs: test agreement {100 * out['fp16_router_on_fp8_inputs']:.1f}%")
-    print(f"fp8 vs fp16 router agreement: {100 * (out['fp8'] - out['fp16']):+.1f} points trained on each "
-          f"(goal: within 1; seeds alone move it by several points on 200 samples), "
-          f"{100 * (out['fp16_router_on_fp8_inputs'] - out['fp16']):+.1f} points for the same router on fp8 inputs")
-    return out
+        side = RouterSide.load(run / "router_side")
+        data16 = load_router_data(run, rank, splits=("test",))
+        data8 = load_router_data(fp8, rank, splits=("test",))
+        assert data16.sample_ids == data8.sample_ids
+        test = data16.indices("test")
+        for seed in seeds:
+            row: dict[str, float] = {"seed": seed}
+            for mode, r in (("fp16", run), ("fp8", fp8)):
+                folder = Path(tmp) / f"router-{mode}-{seed}"
+                train_router(TrainConfig(run=r, rank=rank, out=folder, epochs=6, batch_size=16, lr=2e-3, seed=seed,
+                                         threads=threads, progress=False))
+                pol = evaluate_router(EvalConfig(run=r, rank=rank, router=folder, out=Path(tmp) / f"eval-{mode}-{seed}",
+                                                 plot=False))["policies"]["router"]
+                row |= {f"{mode}_agreement": pol["agreement"], f"{mode}_accuracy": pol["accuracy"],
+                        f"{mode}_tokens": pol["token_fraction"]}
+            router16 = load_router(Path(tmp) / f"router-fp16-{seed}")
+            on16 = router_logits(router16, data16, side, test).argmax(1)
+            on8 = router_logits(router16, data8, side, test).argmax(1)
+            row["cross_agreement"] = float((on8 == data8.best[test]).mean())
+            row["cross_same_choice"] = float((on8 == on16).mean())
+            rows.append(row)
+            print(f"  seed {seed}: test agreement fp16 {100 * row['fp16_agreement']:.1f}% / fp8 "
+                  f"{100 * row['fp8_agreement']:.1f}% ({100 * (row['fp8_agreement'] - row['fp16_agreement']):+.1f}); "
+                  f"accuracy {100 * row['fp16_accuracy']:.1f} / {100 * row['fp8_accuracy']:.1f}%; tokens "
+                  f"{100 * row['fp16_tokens']:.1f} / {100 * row['fp8_tokens']:.1f}% of always-finest; the fp16 router "
+                  f"on fp8 inputs: {100 * row['cross_agreement']:.1f}%, same level as on fp16 for "
+                  f"{100 * row['cross_same_choice']:.1f}% of samples", flush=True)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "seed"}
+    diffs = [r["fp8_agreement"] - r["fp16_agreement"] for r in rows]
+    cross = [r["cross_agreement"] - r["fp16_agreement"] for r in rows]
+    print(f"fp8 vs fp16 router agreement over seeds {list(seeds)} ({len(test)} test samples): fp16 "
+          f"{100 * mean['fp16_agreement']:.1f}%, fp8 {100 * mean['fp8_agreement']:.1f}%: "
+          f"{100 * float(np.mean(diffs)):+.1f} points on average (per seed {', '.join(f'{100 * d:+.1f}' for d in diffs)}; "
+          f"goal: within 1); the same router on fp8 inputs: {100 * float(np.mean(cross)):+.1f} points, same level for "
+          f"{100 * mean['cross_same_choice']:.1f}% of samples")
+    return {"seeds": rows, "mean": mean, "mean_difference": float(np.mean(diffs)),
+            "mean_difference_same_router": float(np.mean(cross))}
 
 
 if __name__ == "__main__":
