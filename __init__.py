@@ -21,11 +21,12 @@ Run the stages::
 Each takes ``log=`` (a callable for its summary lines; default: the ``rglf`` logger) and, where
 the stage reports progress, ``progress=`` (``(done, total, fields) -> None``).
 
-Open the tables (polars LazyFrames)::
+Open the tables (polars LazyFrames; ``rglf.model.tables``)::
 
     run = rglf.open_run("runs/r1")          # samples, feedback, errors, router_inputs
     rank = rglf.open_rank("runs/r1-rank")   # rankings, pairs, preferences, excluded
     rank["rankings"].filter(pl.col("rank") == 1).group_by("source").agg(pl.col("level_tokens").mean()).collect()
+    t = rglf.open_tables(run="runs/r1", rank="runs/r1-rank")   # both; t.rankings, t.sql("select ...")
 
 Route many (image, question) pairs with a router loaded once::
 
@@ -40,12 +41,9 @@ from __future__ import annotations
 import logging
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from rglf.pipeline.ingest import IngestConfig, IngestReport
     from rglf.pipeline.rank import RankConfig
     from rglf.pipeline.report import ReportConfig
@@ -75,10 +73,14 @@ _LAZY = {
     "Ladder": ("rglf.model.scaler", "Ladder"),
     "FrozenLMM": ("rglf.model.lmm", "FrozenLMM"),
     "DEFAULT_CHECKPOINT": ("rglf.model.toy", "DEFAULT_CHECKPOINT"),
+    "open_run": ("rglf.model.tables", "open_run"),
+    "open_rank": ("rglf.model.tables", "open_rank"),
+    "open_tables": ("rglf.model.tables", "open_tables"),
+    "Tables": ("rglf.model.tables", "Tables"),
 }
 
 __all__ = [
-    "__version__", *_LAZY, "ingest", "score", "rank", "train", "evaluate", "report", "open_run", "open_rank",
+    "__version__", *_LAZY, "ingest", "score", "rank", "train", "evaluate", "report",
 ]
 
 
@@ -140,42 +142,3 @@ def evaluate(config: EvalConfig, *, progress=None) -> dict[str, Any]:
     from rglf.router.evaluate import evaluate_router
 
     return evaluate_router(config, progress=progress)
-
-
-# ---- tables ----------------------------------------------------------------------------------
-
-RUN_TABLES = ("samples", "feedback", "errors", "router_inputs")
-RANK_TABLES = ("rankings", "pairs", "preferences", "excluded")
-
-
-def _open(folder: str | Path, tables: tuple[str, ...], *, always: tuple[str, ...] = ()) -> dict[str, pl.LazyFrame]:
-    import polars as pl
-
-    from rglf.model import tables as schemas
-    from rglf.pipeline.rank import parquet_files
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    out: dict[str, pl.LazyFrame] = {}
-    for name in tables:
-        files = parquet_files(folder / name) if (folder / name).is_dir() else []
-        schema = getattr(schemas, f"{name.upper()}_SCHEMA", None)
-        if files:
-            out[name] = pl.scan_parquet([str(f) for f in files])
-        elif ((folder / name).is_dir() or name in always) and schema is not None:
-            out[name] = pl.from_arrow(schema.empty_table()).lazy()  # empty, not missing
-    return out
-
-
-def open_run(run: str | Path) -> dict[str, pl.LazyFrame]:
-    """The tables of a scoring folder as polars LazyFrames: ``samples``, ``feedback``,
-    ``errors``, ``router_inputs``. A table whose folder is missing is left out; ``errors`` is
-    always there (empty when nothing was rejected), as in ``rglf sql``."""
-    return _open(run, RUN_TABLES, always=("errors",))
-
-
-def open_rank(rank: str | Path) -> dict[str, pl.LazyFrame]:
-    """The tables of a rank folder (``rglf rank --out``) as polars LazyFrames: ``rankings``,
-    ``pairs``, ``preferences``, ``excluded``."""
-    return _open(rank, RANK_TABLES)

@@ -710,6 +710,10 @@ def score_cmd(
     max_batch_tokens: Annotated[int, typer.Option(help="Token budget (sequences x length) per forward pass.")] = 2048,
     max_batch_size: Annotated[int, typer.Option(help="Most sequences per forward pass.")] = 64,
     encode_batch: Annotated[int, typer.Option(help="Images per vision-tower pass.")] = 16,
+    router_inputs: Annotated[str, typer.Option(
+        help="What router_inputs/ keeps for router training: fp16 (vision features), fp8 (half the bytes), "
+             "pixels (the image reference only; the trainer re-encodes with the frozen vision tower) or none."
+    )] = "fp16",
     max_aspect: Annotated[
         float | None,
         typer.Option(help="Reject images more elongated than this (long/short side). Default: what the checkpoint's "
@@ -760,7 +764,7 @@ def score_cmd(
             run_dir=run, model=model, workers=workers, gpus_per_worker=gpus_per_worker,
             cpus_per_worker=cpus_per_worker, worker_resources=resources, batch_size=batch_size, device=device, dtype=dtype,
             ladder=ladder, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, encode_batch=encode_batch,
-            max_aspect=max_aspect, min_side=min_side, image_cpus=image_cpus, address=address, num_cpus=num_cpus,
+            router_inputs=router_inputs, max_aspect=max_aspect, min_side=min_side, image_cpus=image_cpus, address=address, num_cpus=num_cpus,
             object_store_mb=object_store_mb, ray_temp_dir=ray_temp_dir, force=force, progress=verbose,
         )
     except ValueError as e:
@@ -962,6 +966,10 @@ def train_cmd(
         bool, typer.Option(help="Start fresh even if OUT was trained with other settings: its router outputs are "
                                 "MOVED to OUT/.replaced-<time>/ (not deleted).")
     ] = False,
+    shuffle_buffer: Annotated[int, typer.Option(
+        help="Samples per shuffle window (row groups shuffled, a window permuted as a whole); memory ~2 windows.")] = 1024,
+    prefetch: Annotated[int, typer.Option(help="Steps read, decoded and prepared ahead by the data thread.")] = 2,
+    record_samples: Annotated[bool, typer.Option(help="Record each step's sample ids in metrics.json (audits).")] = False,
     workers: Annotated[int, typer.Option(help="1: this process; >1: Ray Train TorchTrainer workers.")] = 1,
     use_gpu: Annotated[bool, typer.Option(help="Ray workers use one GPU each.")] = False,
     address: Annotated[
@@ -989,7 +997,7 @@ def train_cmd(
             image_only=image_only, top_k=top_k, merger_attends=merger_attends, voter_init=voter_init,
             dropout=dropout, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
             force=force, num_workers=workers, use_gpu=use_gpu, ray_address=address, device=device, threads=torch_threads,
-            progress=not quiet,
+            progress=not quiet, shuffle_buffer=shuffle_buffer, prefetch=prefetch, record_samples=record_samples,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

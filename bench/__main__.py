@@ -12,8 +12,10 @@ import sys
 import time
 import traceback
 
-# In the order they run: scoring (the LMM), the scoring job at scale, ranking (SQL), router training.
-BENCHES = ("bench.bench_score", "bench.bench_job", "bench.bench_rank", "bench.bench_train")
+# In the order they run: scoring (the LMM), the scoring job at scale, ranking (SQL), router training (vs in-loop
+# RGLF, the step vs the matmul peak, peak memory N vs 8N, router-input modes).
+BENCHES = ("bench.bench_score", "bench.bench_job", "bench.bench_rank", "bench.bench_train", "bench.bench_step",
+           "bench.bench_stream", "bench.bench_modes")
 
 
 def main() -> int:

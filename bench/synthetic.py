@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rglf.model.lmm import RouterSide
+from rglf.model.router_inputs import encode_row
 from rglf.model.scaler import Ladder
 from rglf.model.tables import ROUTER_INPUTS_SCHEMA
 from rglf.router.data import DEFAULT_ABS_TOL, DEFAULT_REL_TOL, hash_split, rank_order
@@ -96,24 +97,24 @@ def write_rankings(
     return rank_dir
 
 
-def write_router_inputs(run_dir: str | Path, rows: list[dict[str, Any]], part: int = 0) -> Path:
+def write_router_inputs(run_dir: str | Path, rows: list[dict[str, Any]], part: int = 0, *, mode: str = "fp16",
+                        row_group_size: int | None = None) -> Path:
     """``RUN/router_inputs/part-N.parquet`` from dicts with ``sample_id``, ``vision (C, g^2, dv)``
-    (any float array; stored fp16), ``instruction_ids``, ``image_size``."""
+    (any float array), ``instruction_ids``, ``image_size`` (and ``image``, ``image_root`` for pixels),
+    encoded as the scoring job does (``model.router_inputs.encode_row``, ``mode`` fp16 / fp8 / pixels).
+    ``row_group_size``: rows per Parquet row group (the stream's unit; None: one group)."""
     out = Path(run_dir) / "router_inputs"
     out.mkdir(parents=True, exist_ok=True)
-    cols: dict[str, list] = {name: [] for name in ROUTER_INPUTS_SCHEMA.names}
+    table_rows = []
     for r in rows:
-        v = np.ascontiguousarray(np.asarray(r["vision"], dtype="<f2"))  # (C, g^2, dv)
+        v = np.asarray(r["vision"], dtype=np.float32)  # (C, g^2, dv)
         grid = int(round(v.shape[1] ** 0.5))
-        cols["sample_id"].append(r["sample_id"])
-        cols["n_crops"].append(v.shape[0])
-        cols["grid"].append(grid)
-        cols["vision_hidden"].append(v.shape[2])
-        cols["vision_features"].append(v.tobytes())
-        cols["instruction_ids"].append([int(i) for i in r["instruction_ids"]])
-        cols["image_size"].append([int(x) for x in r.get("image_size", (grid, grid))])
+        table_rows.append(encode_row(
+            mode, sample_id=r["sample_id"], vision=v, grid=grid, instruction_ids=r["instruction_ids"],
+            image_size=r.get("image_size", (grid, grid)), image=r.get("image"), image_root=r.get("image_root"),
+        ))
     path = out / f"part-{part}.parquet"
-    pq.write_table(pa.table(cols, schema=ROUTER_INPUTS_SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(table_rows, schema=ROUTER_INPUTS_SCHEMA), path, row_group_size=row_group_size)
     return path
 
 
@@ -134,6 +135,7 @@ def write_synthetic_tables(
     vocab: int = 24,
     splits: tuple[float, float] = (0.15, 0.15),
     with_split_column: bool = True,
+    row_group_size: int | None = None,
 ) -> dict[str, Any]:
     """A run + rank folder where the best level is set by a key token in the instruction.
 
@@ -141,6 +143,7 @@ def write_synthetic_tables(
     crops of random features, an instruction of 3-6 random filler ids (4..vocab-1) with one key
     id (1, 2 or 3 -> best level 0, 2 or 4), and NLLs ``0.1 + 0.4 |level - best|`` + noise.
     Splits (val, test fractions) by hash; ``with_split_column=False`` leaves them null.
+    ``row_group_size``: rows per router_inputs row group (the stream's unit; None: one).
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -175,7 +178,7 @@ def write_synthetic_tables(
         ids.append(sid)
         src.append(f"key{key}")
         spl.append(hash_split(sid, splits[0], splits[1]) if with_split_column else None)
-    write_router_inputs(run_dir, rows)
+    write_router_inputs(run_dir, rows, row_group_size=row_group_size)
     (run_dir / "run.json").write_text(json.dumps({"ladder": ladder.spec, "synthetic": True}) + "\n")
     greedy = nll < 0.3
     write_rankings(rank_dir, ids, src, spl, ladder.tokens, nll, greedy, n_visual)

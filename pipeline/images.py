@@ -51,14 +51,21 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
+from rglf.model.images import (  # noqa: F401 -- shared with the pixels-mode router trainer
+    ALPHA_MODES,
+    SIXTEEN_BIT_MODES,
+    ImageRejected,
+    check_geometry,
+    load_rgb,
+    neutral_background,
+    resolve_inside,
+    to_rgb,
+)
 
 OUTPUT_FIELDS = [
     pa.field("pixels", pa.large_binary()),
@@ -69,82 +76,6 @@ OUTPUT_FIELDS = [
     pa.field("error_reason", pa.string()),
     pa.field("error_detail", pa.string()),
 ]
-
-
-class ImageRejected(ValueError):
-    """An image that cannot be scored; ``code`` is the machine-readable reason."""
-
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------------------
-# Pixels
-# --------------------------------------------------------------------------------------
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (see the module docstring for the rules)."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.float64)  # (H, W): uint16 or int32
-        values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
-        grey = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
-        return grey.convert("RGB")
-    if mode == "F":
-        raise ImageRejected("unsupported_mode", "32-bit float pixels (mode F) have no defined 8-bit range")
-    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info) or (mode == "L" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise ImageRejected("unsupported_mode", f"mode {mode} cannot be converted to RGB ({err})") from err
-
-
-def check_geometry(width: int, height: int, *, max_aspect: float | None, min_side: int = 1) -> None:
-    """Reject images outside the size limits (``max_aspect=None``: no aspect limit)."""
-    if min(width, height) < min_side:
-        raise ImageRejected(
-            "too_small", f"image is {width}x{height} px: a side is shorter than the minimum of {min_side} px"
-        )
-    aspect = max(width, height) / max(1, min(width, height))
-    if max_aspect is not None and aspect > max_aspect:
-        raise ImageRejected(
-            "extreme_aspect",
-            f"image is {width}x{height} px: aspect ratio {aspect:.1f}:1 exceeds the limit of {max_aspect:g}:1",
-        )
-
-
-def load_rgb(path: Path, *, max_aspect: float | None = None, min_side: int = 1, background=(128, 128, 128)) -> Image.Image:
-    """Open, check, decode and convert one image file; ``ImageRejected`` with a code when it is bad."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageRejected("missing_file", "file not found") from None
-    except OSError as err:
-        raise ImageRejected("missing_file", f"cannot stat the file ({err})") from err
-    if size == 0:
-        raise ImageRejected("empty_file", "file is empty (0 bytes)")
-    try:
-        with Image.open(path) as image:
-            check_geometry(image.width, image.height, max_aspect=max_aspect, min_side=min_side)
-            image.load()
-            return to_rgb(image, background)
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError:
-        raise ImageRejected("corrupt_image", f"not a recognised image ({size} bytes; corrupt or not an image)") from None
-    except Image.DecompressionBombError as err:
-        raise ImageRejected("too_large", str(err)) from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        code = "truncated_image" if "truncated" in str(err) or isinstance(err, EOFError) else "corrupt_image"
-        raise ImageRejected(code, f"cannot decode the image ({err})") from err
 
 
 # --------------------------------------------------------------------------------------
@@ -184,12 +115,6 @@ def derived_max_aspect(processor, is_next: bool) -> float | None:
     return round(limit / float(edge) ** 2, 1) if limit else None
 
 
-def neutral_background(processor) -> tuple[int, int, int]:
-    """The processor's mean colour in 8 bits (LLaVA pads with it): the alpha background."""
-    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
-
-
 def preprocess(processor, is_next: bool, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB image -> (crops ``(n_crops, 3, S, S)`` float32, original (height, width)); = ``FrozenLMM.preprocess``."""
     out = processor(image, return_tensors="pt")  # as FrozenLMM.preprocess does, so the values are identical
@@ -205,21 +130,6 @@ def preprocess(processor, is_next: bool, image: Image.Image) -> tuple[np.ndarray
 # --------------------------------------------------------------------------------------
 # The Ray stage
 # --------------------------------------------------------------------------------------
-
-
-def resolve_inside(image: str, image_root: str | None) -> Path:
-    """The file an image reference names, which must lie inside the (absolute) image root.
-
-    ``outside_root`` when the reference -- an absolute path, a ``../`` path or a symlink, once
-    resolved with ``realpath`` -- leaves the root, or when the sample has no root.
-    """
-    if not image_root:
-        raise ImageRejected("outside_root", "no image root is recorded for this sample (re-ingest with --image-root)")
-    root = os.path.realpath(image_root)
-    real = os.path.realpath(os.path.join(image_root, image))
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-        raise ImageRejected("outside_root", f"resolves to {real}, outside the image root {root}; not opened")
-    return Path(real)
 
 
 def load_images(batch: pa.Table, *, model: str, max_aspect: float | str | None = "auto", min_side: int = 1) -> pa.Table:

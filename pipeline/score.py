@@ -94,6 +94,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rglf.model.router_inputs import (
+    BYTES_FORMULA,
+    ROUTER_INPUT_MODES,
+    encode_row,
+    row_nbytes,
+    save_router_side,
+)
 from rglf.model.tables import ERRORS_SCHEMA, FEEDBACK_SCHEMA, ROUTER_INPUTS_SCHEMA
 
 from .writer import (
@@ -164,6 +171,11 @@ class ScoreConfig:
     """Most (sample, level) sequences in one forward pass."""
     encode_batch: int = 16
     """Images per vision-tower pass inside a scorer call."""
+    router_inputs: str = "fp16"
+    """What ``router_inputs/`` keeps per image sample for router training (``model.router_inputs``):
+    ``fp16`` vision features (default), ``fp8`` (e4m3 + per-channel scales: half the bytes),
+    ``pixels`` (only the image reference; the trainer re-encodes with the frozen vision tower saved
+    in ``router_side/vision/``) or ``none`` (feedback only)."""
     max_aspect: float | None = None
     """Reject images whose longer side exceeds this many times the shorter one. Default (None):
     derived from the checkpoint's preprocessing -- no limit for LLaVA-NeXT (anyres handles any
@@ -198,6 +210,8 @@ class ScoreConfig:
         self.model = Path(self.model)
         if self.ray_temp_dir is not None:
             self.ray_temp_dir = Path(self.ray_temp_dir)
+        if self.router_inputs not in ROUTER_INPUT_MODES:
+            raise ValueError(f"router_inputs must be one of {ROUTER_INPUT_MODES}, got {self.router_inputs!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -403,13 +417,13 @@ def pending_batches(plan: Plan, batch_size: int, levels: list[int]) -> Iterator[
 # --------------------------------------------------------------------------------------
 
 
-def ensure_router_side(lmm, out: Path) -> None:
+def ensure_router_side(lmm, out: Path, router_inputs: str = "fp16") -> None:
     """Write ``out/router_side/`` once: into a private folder, then one atomic rename (first writer wins)."""
     target = Path(out) / "router_side"
     if (target / "router_side.json").exists():
         return
     staging = Path(out) / f".router_side-{os.getpid()}-{time.time_ns()}"
-    lmm.router_side().save(staging)
+    save_router_side(lmm, staging, router_inputs)  # + the frozen vision tower for --router-inputs pixels
     try:
         os.rename(staging, target)  # atomic; fails if another actor got there first
     except OSError:
@@ -456,6 +470,7 @@ class Scorer:
         max_batch_size: int,
         encode_batch: int,
         verbose: bool = True,
+        router_inputs: str = "fp16",
     ):
         import torch
 
@@ -479,7 +494,8 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.encode_batch = encode_batch
-        ensure_router_side(self.lmm, self.out)
+        self.router_inputs = router_inputs
+        ensure_router_side(self.lmm, self.out, router_inputs)
 
     def __call__(self, batch: pa.Table) -> BatchResult:
         """Score and commit one batch (rows with ``pixels`` from ``load_images``)."""
@@ -505,7 +521,7 @@ class Scorer:
             rows=len(feedback),
             errors=len(errors),
             visual_tokens=sum(r["n_visual_tokens"] for r in feedback),
-            router_bytes=sum(len(r["vision_features"]) + 4 * len(r["instruction_ids"]) for r in router),
+            router_bytes=sum(row_nbytes(r) for r in router),
             seconds=time.perf_counter() - start,
             node_id=self.node_id,
             index=batch_index(key, *tables, stat),
@@ -610,14 +626,13 @@ class Scorer:
             enc = encoded.get(i)
             if enc is None:  # text-only: nothing for the router to look at
                 continue
-            vision = enc.vision.to(torch.float16).cpu().numpy().astype("<f2", copy=False)  # (n_crops, g*g, dv)
-            router.append(
-                {
-                    "sample_id": rows[i]["sample_id"], "n_crops": vision.shape[0], "grid": lmm.grid,
-                    "vision_hidden": vision.shape[2], "vision_features": vision.tobytes(order="C"),
-                    "instruction_ids": lmm.instruction_ids(convs[i]), "image_size": list(enc.image_size),
-                }
+            row = encode_row(  # --router-inputs: fp16 / fp8 features, the image reference (pixels), or None
+                self.router_inputs, sample_id=rows[i]["sample_id"], vision=enc.vision, grid=lmm.grid,
+                instruction_ids=lmm.instruction_ids(convs[i]), image_size=enc.image_size,
+                image=rows[i]["image"], image_root=rows[i]["image_root"],
             )
+            if row is not None:
+                router.append(row)
         return feedback, router, errors
 
 
@@ -712,6 +727,8 @@ def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
         problems = []
         if previous.get("model_id") != model_id:
             problems.append(f"model {previous.get('model_id')} -> {model_id}")
+        if previous.get("config", {}).get("router_inputs", "fp16") != cfg.router_inputs:
+            problems.append(f"router inputs {previous.get('config', {}).get('router_inputs', 'fp16')} -> {cfg.router_inputs}")
         if previous.get("ladder", {}).get("spec") != ladder.spec:
             problems.append(f"ladder {previous.get('ladder', {}).get('spec')} -> {ladder.spec}")
         if problems:
@@ -805,7 +822,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
             from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
 
             log("router_side/ missing: loading the model on this machine (CPU) to write it")
-            ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir)
+            ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir, cfg.router_inputs)
     except KeyboardInterrupt:
         report.seconds = time.perf_counter() - t0
         stop("interrupted", seconds=round(report.seconds, 3))
@@ -822,7 +839,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     report.duplicates_removed = index.dedupe()
     if report.duplicates_removed:
         log(f"removed {report.duplicates_removed} duplicate rows (a batch committed twice under different names)")
-    broken = index.check_router_inputs()
+    broken = index.check_router_inputs() if cfg.router_inputs != "none" else []  # feedback-only: none to check
     if broken:
         stop("failed", error="router inputs missing")
         raise RuntimeError(
@@ -854,7 +871,8 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
         counts={k: v for k, v in asdict(report).items() if k not in per_run},
         router_inputs={
             "bytes_per_sample_mean": report.router_bytes_per_sample,
-            "formula": "n_crops * grid^2 * vision_hidden * 2 (fp16) + 4 * n_instruction_ids",
+            "mode": cfg.router_inputs,
+            "formula": BYTES_FORMULA[cfg.router_inputs],
         },
         exit_code=report.exit_code,
     )
@@ -935,7 +953,8 @@ def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: R
             ScorerActor,
             {"model": str(cfg.model), "out": str(cfg.run_dir), "device": cfg.device, "dtype": cfg.dtype,
              "ladder": ladder.spec, "model_id": model_id, "max_batch_tokens": cfg.max_batch_tokens,
-             "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch, "verbose": verbose},
+             "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch, "verbose": verbose,
+             "router_inputs": cfg.router_inputs},
             load_images_quietly, {**load_kwargs, "verbose": verbose},
             workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
             worker_resources=cfg.worker_resources, image_cpus=cfg.image_cpus,

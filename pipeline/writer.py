@@ -180,22 +180,35 @@ def write_batch(out: Path, key: str, feedback: pa.Table, router_inputs: pa.Table
 # --------------------------------------------------------------------------------------
 
 
+ROUTER_BYTES_COLUMNS = ["sample_id", "n_crops", "grid", "vision_hidden", "instruction_ids", "encoding", "image"]
+
+
 def router_bytes(router_inputs: pa.Table) -> pa.Array:
-    """Bytes of each router_inputs row: fp16 features ``n_crops * grid^2 * vision_hidden * 2`` + 4 per id."""
+    """Bytes each router_inputs row stores for the router (``model.router_inputs.BYTES_FORMULA``),
+    from the small columns only: fp16 ``n_crops * grid^2 * vision_hidden * 2``, fp8 ``n_crops * grid^2 *
+    vision_hidden + n_crops * vision_hidden * 4``, pixels the image reference; + 4 per instruction id."""
     if router_inputs.num_rows == 0:
         return pa.array([], pa.int64())
     n = pc.cast(router_inputs.column("n_crops"), pa.int64())
     g = pc.cast(router_inputs.column("grid"), pa.int64())
     h = pc.cast(router_inputs.column("vision_hidden"), pa.int64())
     ids = pc.cast(pc.list_value_length(router_inputs.column("instruction_ids")), pa.int64())
-    return pc.add(pc.multiply(pc.multiply(pc.multiply(pc.multiply(n, g), g), h), 2), pc.multiply(ids, 4))
+    values = pc.multiply(pc.multiply(pc.multiply(n, g), g), h)
+    names = router_inputs.column_names
+    encoding = (pc.fill_null(router_inputs.column("encoding"), "fp16") if "encoding" in names
+                else pa.array(["fp16"] * router_inputs.num_rows, pa.string()))
+    image = (pc.cast(pc.fill_null(pc.binary_length(router_inputs.column("image")), 0), pa.int64()) if "image" in names
+             else pa.array([0] * router_inputs.num_rows, pa.int64()))
+    features = pc.if_else(pc.equal(encoding, "fp8"), pc.add(values, pc.multiply(pc.multiply(n, h), 4)),
+                          pc.if_else(pc.equal(encoding, "pixels"), image, pc.multiply(values, 2)))
+    return pc.add(features, pc.multiply(ids, 4))
 
 
 def batch_index(key: str, feedback: pa.Table, router_inputs: pa.Table, errors: pa.Table,
                 part_stat: tuple[int, int] | None = None) -> pa.Table:
     """The index rows (``INDEX_SCHEMA``) of one committed batch, from its three tables.
 
-    ``router_inputs`` needs only ``sample_id, n_crops, grid, vision_hidden, instruction_ids``.
+    ``router_inputs`` needs only ``ROUTER_BYTES_COLUMNS``.
     """
     size, mtime = part_stat if part_stat is not None else (None, None)
     rows: dict[str, dict[str, Any]] = {}
@@ -230,7 +243,7 @@ def _read_part(out: Path, key: str, stat: tuple[int, int] | None) -> pa.Table:
     def read(table: str, columns: list[str]) -> pa.Table:
         path = part_path(out, table, key)
         try:
-            return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns, schema=SCHEMAS[table])  # older parts: new columns null
         except FileNotFoundError:
             return pa.table({c: pa.array([], SCHEMAS[table].field(c).type) for c in columns})
         except Exception as err:  # a committed part must be readable: never skip it silently
@@ -239,7 +252,7 @@ def _read_part(out: Path, key: str, stat: tuple[int, int] | None) -> pa.Table:
     return batch_index(
         key,
         read("feedback", ["sample_id", "level_tokens", "n_crops"]),
-        read("router_inputs", ["sample_id", "n_crops", "grid", "vision_hidden", "instruction_ids"]),
+        read("router_inputs", ROUTER_BYTES_COLUMNS),
         read("errors", ["sample_id", "code"]),
         stat,
     )
@@ -257,7 +270,7 @@ def _read_many(out: Path, table: str, keys: list[str], columns: list[str]) -> pa
         return pa.schema([*fields, pa.field("part", pa.string())]).empty_table()
     batches, names = [], []
     try:
-        for tagged in ds.dataset(files, format="parquet").scanner(columns=columns).scan_batches():
+        for tagged in ds.dataset(files, format="parquet", schema=SCHEMAS[table]).scanner(columns=columns).scan_batches():
             batches.append(tagged.record_batch)
             names.append(pa.array([Path(tagged.fragment.path).name[len(prefix) : -len(".parquet")]]
                                   * tagged.record_batch.num_rows, pa.string()))
@@ -275,7 +288,7 @@ def _read_parts(out: Path, keys: list[str], listing: dict[str, tuple[int, int] |
     if len(keys) <= 4:
         return pa.concat_tables([_read_part(out, key, listing.get(key)) for key in keys])
     fb = _read_many(out, "feedback", keys, ["sample_id", "level_tokens", "n_crops"])
-    ri = _read_many(out, "router_inputs", keys, ["sample_id", "n_crops", "grid", "vision_hidden", "instruction_ids"])
+    ri = _read_many(out, "router_inputs", keys, ROUTER_BYTES_COLUMNS)
     er = _read_many(out, "errors", keys, ["sample_id", "code"]).filter(pc.is_valid(pc.field("sample_id")))
     agg = fb.group_by(["part", "sample_id"]).aggregate([("level_tokens", "list"), ("n_crops", "min")])
     rb = pa.table({"part": ri.column("part"), "sample_id": ri.column("sample_id"), "router_bytes": router_bytes(ri)})

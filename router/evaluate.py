@@ -301,13 +301,8 @@ def _router_scores(
             f"router {path} routes over levels {list(router.ladder.tokens)} (grid {router.config.grid}), "
             f"the evaluation data has {list(data.ladder.tokens)} (grid {data.grid})"
         )
-    out = []
-    for start in range(0, len(rows), cfg.batch_size):  # chunked only to report progress
-        chunk = rows[start : start + cfg.batch_size]
-        out.append(router_logits(router, data, side, chunk, batch_size=cfg.batch_size, device=device))
-        if tick is not None:
-            tick(len(chunk))
-    return np.concatenate(out) if out else np.zeros((0, len(data.ladder)))
+    # one stream over the rows (each row group read once), ticking per batch
+    return router_logits(router, data, side, rows, batch_size=cfg.batch_size, device=device, tick=tick)
 
 
 def evaluate_router(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:

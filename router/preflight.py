@@ -38,6 +38,7 @@ ROUTER_OUTPUTS = (
 RUNTIME_FIELDS = frozenset({
     "out", "resume", "force", "num_workers", "use_gpu", "cpus_per_worker", "ray_address", "device", "threads",
     "eval_batch_size", "progress", "keep_checkpoints", "micro_batch_size", "eval_every", "checkpoint_every",
+    "prefetch", "record_samples",
 })
 
 

@@ -2,33 +2,47 @@
 
 Per step (SPEC "RGLF losses"; the reference instead runs the 7B LMM five times per step):
 
-    rankings + router_inputs (RouterData, in memory)
-      -> collate: fp16 vision features -> RouterSide.project (frozen, no grad) (B, C, g^2, d);
-         instruction ids -> RouterSide.embed (B, T, d); crops and text padded with masks
-      -> GranularityRouter logits (B, N)
+    index (router.data: labels + locations, polars) ... a background thread, ahead of the step:
+      router_inputs row groups of the epoch's shuffled windows -> decode (fp16 / fp8; pixels:
+      the frozen vision tower) -> RouterSide.project (frozen) -> instruction ids -> RouterSide.embed
+      -> GranularityRouter.prepare (pooling, text filter; no parameters)
+    ... the step:
+      -> GranularityRouter.forward_prepared logits (B, N)
       -> rglf_loss(logits, nll, order): adaptive ranking + CE, order = the SQL ranking
       -> AdamW, linear warmup then cosine decay to 0, gradient clipping
 
 Published setting (the defaults of ``TrainConfig``): m = 1, w_rank = 1, w_ce = 0.1, AdamW
-lr 1e-3, weight decay 0, warmup 3%, cosine decay, 1 epoch, global batch 128, k = 32. The global
-batch is split into micro-batches (gradient accumulation) and, with several workers, across
-workers; every worker gets the same shuffled global batch and takes its slice
-``batch[rank::world]``, so the update is the same whatever the split (up to float order and
-dropout draws).
+lr 1e-3, weight decay 0, warmup 3%, cosine decay, 1 epoch, global batch 128, k = 32.
+
+Global batch semantics: step ``s`` of an epoch trains on positions ``[s*B, (s+1)*B)`` of the
+epoch's global sample sequence (``router.data.SampleStream``: shuffled windows of row groups),
+whatever the number of workers. Each worker reads only its own row groups (dealt round-robin
+per window) and trains on the step's samples that live there, in micro-batches (gradient
+accumulation); every micro-batch loss is weighted by its share of the global batch, and the
+workers' gradients are summed, so the update is the global batch's mean gradient whatever the
+split (up to float summation order and dropout draws). Memory does not grow with the data: the
+trainer holds the index (~170 bytes per sample) and one or two shuffle windows of payload.
 
 Engines: one process (CPU, or one GPU with bf16 autocast), or Ray Train's ``TorchTrainer``
 (``num_workers > 1``; one process per GPU or CPU slot, torch.distributed set up by Ray). The
 workers' gradients are summed with ONE coalesced ``all_reduce`` after accumulation rather
-than through DDP: a global batch need not split evenly (a worker may even get no sample in the
-last step), and DDP would need every worker to run the same number of forward passes.
+than through DDP: a worker's share of a step varies (it may even be empty), and DDP would need
+every worker to run the same number of forward passes.
+
+Resume is exact: a checkpoint records the step and the stream position (epoch, step in epoch,
+samples done, and the order's parameters: seed, batch, shuffle buffer, training-set size); a
+resumed run re-derives the window and offset from the index, and trains on exactly the
+samples an uninterrupted run would have from there (the dropout draws too: they are seeded per
+step). A run whose order parameters differ from the checkpoint's is refused (``--force``
+starts over).
 
 Outputs in ``out/`` (a router folder, loadable with ``model.router.load_router``)::
 
     router.safetensors, router_config.json   the final router (save_router)
     train_config.json                        the resolved TrainConfig
     metrics.json                             history (loss, lr, validation agreement), summary
-    checkpoints/step-00000264/               router + optimiser/scheduler state, every
-    checkpoints/latest                       ``checkpoint_every`` steps (step number, 8 digits); a rerun resumes here
+    checkpoints/step-00000264/               router + optimiser/scheduler state + stream position,
+    checkpoints/latest                       every ``checkpoint_every`` steps; a rerun resumes here
 
 The output folder must be on a filesystem every worker sees (one machine: any folder).
 """
@@ -60,7 +74,17 @@ from rglf.model.router import (
     load_router,
     save_router,
 )
-from rglf.router.data import RouterData, collate, load_router_data
+from rglf.router.data import (
+    DEFAULT_PREFETCH,
+    DEFAULT_SHUFFLE_BUFFER,
+    RouterData,
+    RouterDataError,
+    SampleStream,
+    iter_batches,
+    iter_steps,
+    load_router_data,
+)
+from rglf.router.preflight import TrainRefused  # also a resume that would not be exact (router config, order)
 
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.json"
@@ -170,12 +194,20 @@ class TrainConfig:
     progress: bool = True
     """Report progress to the ``progress`` callback of ``train_router`` (rank 0 only; the CLI
     draws it); False: no progress calls."""
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    """Samples per shuffle window: row groups are shuffled, then a window of at least this many
+    samples is permuted as a whole. Memory holds about two windows of router inputs (x bytes per
+    sample); several row groups per worker per window keep the workers' shares of a step even."""
+    prefetch: int = DEFAULT_PREFETCH
+    """Steps read, decoded and prepared ahead by the background data thread (0: in the loop)."""
+    record_samples: bool = False
+    """Record every step's sample ids in the history (metrics.json; audits and the resume test)."""
 
     def __post_init__(self) -> None:
         self.run, self.rank, self.out = Path(self.run), Path(self.rank), Path(self.out)
         self.levels = parse_levels(self.levels)
         positive = ("epochs", "batch_size", "micro_batch_size", "num_workers", "top_k", "eval_batch_size",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "shuffle_buffer")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -201,6 +233,8 @@ class TrainConfig:
             raise ValueError(f"voter_init must be one of {VOTER_INITS}, got {self.voter_init!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -270,8 +304,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / TRAINER_STATE).is_file() else None
 
 
-def save_checkpoint(cfg: TrainConfig, router, opt, sched, step: int, history: list[dict]) -> Path:
-    """``checkpoints/step-N/`` (router, optimiser, scheduler, history), then ``latest`` -> it."""
+def save_checkpoint(cfg: TrainConfig, router, opt, sched, step: int, history: list[dict],
+                    stream: dict[str, Any]) -> Path:
+    """``checkpoints/step-N/`` (router, optimiser, scheduler, history, stream position), then ``latest`` -> it."""
     root = cfg.out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -279,7 +314,7 @@ def save_checkpoint(cfg: TrainConfig, router, opt, sched, step: int, history: li
     shutil.rmtree(tmp, ignore_errors=True)
     save_router(tmp, router)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp / TRAINER_STATE)
-    _write_json(tmp / "state.json", {"step": step, "history": history})
+    _write_json(tmp / "state.json", {"step": step, "stream": stream, "history": history})
     shutil.rmtree(root / name, ignore_errors=True)
     os.replace(tmp, root / name)
     (root / ".latest.tmp").write_text(name + "\n")
@@ -301,6 +336,16 @@ def _all_reduce_(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return tensor
 
 
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
     """Sum the workers' gradients with one coalesced all_reduce (each already weighted 1/global batch)."""
     if world == 1:
@@ -315,14 +360,8 @@ def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
 
 
 def _forward_loss(cfg: TrainConfig, router, batch, device: torch.device):
-    use_text = router.config.use_text
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = router(
-            batch.crop_features,
-            batch.crop_mask,
-            batch.text_embeds if use_text else None,
-            batch.text_mask if use_text else None,
-        )
+        logits = router.forward_prepared(batch.prepared)
     loss, parts = rglf_loss(
         logits.float(), batch.nll, batch.order,
         margin_scale=cfg.margin_scale, w_rank=cfg.w_rank, w_ce=cfg.w_ce, loss=cfg.loss,
@@ -333,12 +372,11 @@ def _forward_loss(cfg: TrainConfig, router, batch, device: torch.device):
 @torch.no_grad()
 def validate(cfg: TrainConfig, router, data: RouterData, side: RouterSide, idx: np.ndarray, rank: int, world: int,
              device: torch.device) -> dict[str, float]:
-    """Loss and top-1 agreement with the oracle on ``idx`` (sharded over workers, summed)."""
+    """Loss and top-1 agreement with the oracle on ``idx`` (each worker streams its row groups; summed)."""
     router.eval()
-    mine = idx[rank::world]
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, agreements, n
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        batch = collate(data, mine[start : start + cfg.eval_batch_size], side, device)
+    for batch in iter_batches(data, idx, side, batch_size=cfg.eval_batch_size, rank=rank, world=world,
+                              device=device, router=router, prefetch_depth=cfg.prefetch):
         logits, loss, _ = _forward_loss(cfg, router, batch, device)
         n = len(batch)
         sums += torch.tensor([float(loss) * n, float((logits.argmax(-1) == batch.order[:, 0]).sum()), n], dtype=torch.float64)
@@ -346,34 +384,6 @@ def validate(cfg: TrainConfig, router, data: RouterData, side: RouterSide, idx: 
     _all_reduce_(sums, world)
     n = max(1.0, float(sums[2]))
     return {"val_loss": float(sums[0]) / n, "val_agreement": float(sums[1]) / n, "n_val": int(sums[2])}
-
-
-class _ProgressRelay:
-    """The loop's progress display, relayed to a ``progress(done, total, fields)`` callback
-    (rendering is the caller's: cli.py draws one bar or periodic lines). No callback: silent."""
-
-    def __init__(self, callback: Progress | None):
-        self.callback = callback
-        self.total: int | None = None
-
-    def __enter__(self) -> _ProgressRelay:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def add_task(self, _name: str, *, total: int, completed: int, loss: str, agree: str) -> int:
-        self.total = total
-        if completed:
-            self.update(0, completed=completed, loss=loss, agree=agree)
-        return 0
-
-    def update(self, _task: int, *, completed: int, loss: str, agree: str) -> None:
-        if self.callback is not None:
-            fields = {"loss": loss} if loss != "-" else {}
-            if agree != "nan":  # no validation yet
-                fields["val agree"] = agree
-            self.callback(completed, self.total, fields)
 
 
 class _ProgressFile:
@@ -407,6 +417,21 @@ def _poll_progress(path: Path, callback: Progress, stop) -> None:
             return
 
 
+def _order_params(cfg: TrainConfig, stream: SampleStream) -> dict[str, Any]:
+    """What fixes the sample order: a resume is exact only if these equal the checkpoint's."""
+    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
+            "n_train": stream.n, "row_groups": len(stream.units)}
+
+
+def _progress_fields(loss: float | None, val: dict[str, Any]) -> dict[str, str]:
+    """The fields shown next to the bar: the last step's loss and the last validation agreement
+    (each left out until there is one)."""
+    fields = {} if loss is None else {"loss": f"{loss:.4f}"}
+    if "val_agreement" in val:
+        fields["val agree"] = f"{val['val_agreement']:.3f}"
+    return fields
+
+
 def train_loop(
     cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
     progress: Progress | None = None,
@@ -423,11 +448,15 @@ def train_loop(
     )
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(train_idx) == 0:
-        raise ValueError(f"no training samples in {cfg.rank} (splits found: {sorted(set(data.split))})")
+        raise RouterDataError(f"no training samples in {cfg.rank} (splits found: {sorted(set(data.split))})")
     side = RouterSide.load(cfg.run / "router_side").to(device)
     if side.meta["vision_hidden"] != data.vision_hidden:
-        raise ValueError(f"router_side projects {side.meta['vision_hidden']}-wide features, router inputs are {data.vision_hidden}")
+        raise RouterDataError(
+            f"router_side projects {side.meta['vision_hidden']}-wide features, router inputs are {data.vision_hidden}"
+        )
     router_cfg = cfg.router_config(int(side.meta["hidden"]), data.ladder.spec, data.grid)
+    stream = SampleStream(data, train_idx, batch_size=cfg.batch_size, seed=cfg.seed,
+                          shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world)
 
     torch.manual_seed(cfg.seed)
     router = GranularityRouter(router_cfg).to(device)
@@ -435,22 +464,30 @@ def train_loop(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch, total, warmup = schedule(cfg, len(train_idx))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    order = _order_params(cfg, stream)
 
     step, history = 0, []
     ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
     if ckpt is not None:
         saved = load_router(ckpt, device)
         if saved.config.to_dict() != router_cfg.to_dict():
-            raise ValueError(
+            raise TrainRefused(
                 f"{ckpt} holds a router with config {saved.config.to_dict()}, this run builds "
-                f"{router_cfg.to_dict()}: use another --out or --no-resume"
+                f"{router_cfg.to_dict()}: use another --out, or --force (--no-resume) to start over"
+            )
+        state_json = json.loads((ckpt / "state.json").read_text())
+        saved_order = (state_json.get("stream") or {}).get("order")
+        if saved_order is not None and saved_order != order:
+            raise TrainRefused(
+                f"{ckpt} was trained with sample order {saved_order}, this run has {order}: resuming would not "
+                "see each sample exactly as often; use the same settings, another --out, or --force to start over"
             )
         router.load_state_dict(saved.state_dict())
         state = torch.load(ckpt / TRAINER_STATE, map_location=device, weights_only=True)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
-        history = json.loads((ckpt / "state.json").read_text())["history"]
+        history = state_json["history"]
     elif rank == 0 and (cfg.out / CHECKPOINTS).exists():
         shutil.rmtree(cfg.out / CHECKPOINTS)  # resume=False: an old run's checkpoints must not be picked up later
     if rank == 0 and not (cfg.out / TRAIN_CONFIG).exists():  # never rewrite the config of existing weights
@@ -461,48 +498,58 @@ def train_loop(
     ckpt_every = cfg.checkpoint_every or per_epoch
     router.train()
     start_step, t_loop = step, time.perf_counter()
+    trained_local = 0
     val = next((h for h in reversed(history) if "val_agreement" in h), {})
-    perms: dict[int, np.ndarray] = {}
-    with _ProgressRelay(progress if cfg.progress and rank == 0 else None) as bar:
-        task = bar.add_task("train", total=total, completed=step, loss="-", agree=f"{val.get('val_agreement', float('nan')):.3f}")
-        while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            if epoch not in perms:  # the same permutation on every worker and after a resume
-                perms = {epoch: train_idx[np.random.default_rng([cfg.seed, epoch]).permutation(len(train_idx))]}
-            batch_idx = perms[epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-            mine = batch_idx[rank::world]
-            opt.zero_grad(set_to_none=True)
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, rank, ce; each a share of the global mean
-            for m, start in enumerate(range(0, len(mine), cfg.micro_batch_size)):
-                micro = mine[start : start + cfg.micro_batch_size]
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank * 131 + m)  # dropout: step-exact resume
-                batch = collate(data, micro, side, device)
-                _, loss, parts = _forward_loss(cfg, router, batch, device)
-                share = len(micro) / len(batch_idx)  # sum over micro-batches and workers = the global mean
-                (loss * share).backward()
-                sums += torch.tensor([float(loss.detach()), float(parts["rank"]), float(parts["ce"])], dtype=torch.float64) * share
-            _sync_grads(params, world)
-            _all_reduce_(sums, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            step += 1
-            record = {"step": step, "epoch": round(step / per_epoch, 4), "lr": lr, "loss": float(sums[0]),
-                      "rank_loss": float(sums[1]), "ce_loss": float(sums[2])}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if step % eval_every == 0 or step == total:
-                if len(val_idx):
-                    val = validate(cfg, router, data, side, val_idx, rank, world, device)
-                    record.update(val)
-            history.append(record)
-            bar.update(task, completed=step, loss=f"{record['loss']:.4f}", agree=f"{val.get('val_agreement', float('nan')):.3f}")
-            if rank == 0 and (step % ckpt_every == 0 or step == total):
-                save_checkpoint(cfg, router, opt, sched, step, history)
+    report = progress if (progress is not None and cfg.progress and rank == 0) else None
+    if report is not None and step:  # resumed: show where it starts
+        report(step, total, _progress_fields(None, val))
+    while step < total:
+        epoch, pos = divmod(step, per_epoch)
+        steps = iter_steps(stream, epoch, side, micro_batch_size=cfg.micro_batch_size, start_step=pos,
+                           device=device, router=router, prefetch_depth=cfg.prefetch)
+        try:
+            for sb in steps:
+                opt.zero_grad(set_to_none=True)
+                sums = torch.zeros(3, dtype=torch.float64)  # loss, rank, ce; each a share of the global mean
+                for m, batch in enumerate(sb.micro):
+                    torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank * 131 + m)  # dropout: step-exact resume
+                    _, loss, parts = _forward_loss(cfg, router, batch, device)
+                    share = len(batch) / sb.global_size  # summed over micro-batches and workers: the global mean
+                    (loss * share).backward()
+                    sums += torch.tensor([float(loss.detach()), float(parts["rank"]), float(parts["ce"])],
+                                         dtype=torch.float64) * share
+                trained_local += sb.n
+                _sync_grads(params, world)
+                _all_reduce_(sums, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                step += 1
+                record = {"step": step, "epoch": round(step / per_epoch, 4), "lr": lr, "loss": float(sums[0]),
+                          "rank_loss": float(sums[1]), "ce_loss": float(sums[2]), "samples": sb.global_size}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if cfg.record_samples:
+                    mine = [data.sample_ids[i] for b in sb.micro for i in b.index.tolist()]
+                    record["sample_ids"] = sorted(x for part in _all_gather(mine, world) for x in part)
+                if step % eval_every == 0 or step == total:
+                    if len(val_idx):
+                        val = validate(cfg, router, data, side, val_idx, rank, world, device)
+                        record.update(val)
+                history.append(record)
+                if report is not None:
+                    report(step, total, _progress_fields(record["loss"], val))
+                if rank == 0 and (step % ckpt_every == 0 or step == total):
+                    position = {**stream.position(step - epoch * per_epoch), "epoch": epoch, "order": order}
+                    save_checkpoint(cfg, router, opt, sched, step, history, position)
+                if step >= total:
+                    break
+        finally:
+            steps.close()  # stops the data thread when the loop ends early (max_steps, an error)
 
     seconds = time.perf_counter() - t_loop
-    trained = (step - start_step) * cfg.batch_size
+    trained = int(_all_reduce_(torch.tensor([trained_local], dtype=torch.float64), world)[0])
     last_val = next((h for h in reversed(history) if "val_agreement" in h), {})
     metrics = {
         "engine": "ray" if world > 1 else "local",
@@ -516,7 +563,7 @@ def train_loop(
         "n_val": len(val_idx),
         "ladder": list(data.ladder.tokens),
         "router_config": router_cfg.to_dict(),
-        "data": data.info,
+        "data": {**data.info, "shuffle_buffer": cfg.shuffle_buffer, "row_groups": len(stream.units)},
         "final": {
             "train_loss": history[-1]["loss"] if history else None,
             "val_loss": last_val.get("val_loss"),

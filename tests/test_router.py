@@ -321,3 +321,52 @@ def test_avg_llava_key_map_reports_missing_and_unexpected_keys():
         convert_avg_llava_router_state_dict(published)
     with pytest.raises(KeyError, match="no keys start with"):
         convert_avg_llava_router_state_dict({"voter": torch.ones(3, 1)})
+
+
+# ---- the fast execution path equals the layer-by-layer computation ----------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prepared_forward_equals_the_layer_by_layer_computation(mode):
+    """``forward`` (prepare + dense per-crop-count blocks, folded voter) = bench/router_reference.py, the
+    pre-optimisation code: the same logits (eval) and the same gradients (train mode, dropout 0)."""
+    from bench.router_reference import reference_forward
+    from rglf.model.rglf import rglf_loss
+
+    samples = [make_sample(3, 40, 80), make_sample(1, 4, 81), make_sample(2, 33, 82), make_sample(3, 0, 83),
+               make_sample(2, 7, 84)]
+    batch = pad_batch(samples, extra_crops=1, garbage=5.0)
+    router = small_router(merger_attends=mode, dropout=0.0).train()
+    nll = torch.rand(len(samples), 5, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for forward in (reference_forward, lambda r, *b: r(*b)):
+        loss, _ = rglf_loss(forward(router, *batch), nll, nll.argsort(dim=1))
+        grads.append(torch.autograd.grad(loss, list(router.parameters())))
+    for (name, _), a, b in zip(router.named_parameters(), *grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4, msg=name)
+    router.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(router(*batch), reference_forward(router, *batch), atol=1e-5, rtol=1e-5)
+        inputs = router.prepare(*batch)
+        assert inputs.crop_counts == (1, 2, 2, 3, 3)  # sorted: dense blocks of equal crop count
+        torch.testing.assert_close(router.forward_prepared(inputs), router(*batch))
+
+
+def test_cpu_dropout_has_dropouts_law_and_follows_the_torch_seed():
+    from rglf.model.router import dropout
+
+    x = torch.ones(400_000)
+    torch.manual_seed(3)
+    a = dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    b = dropout(x, 0.1, True)
+    assert torch.equal(a, b) and not torch.equal(a, dropout(x, 0.1, True))  # seeded by torch's generator
+    kept = a != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 400k draws: 5 standard deviations
+    torch.testing.assert_close(a[kept], torch.full_like(a[kept], 1 / 0.9))  # kept values scaled by 1/(1-p)
+    assert torch.equal(dropout(x, 0.1, False), x) and torch.equal(dropout(x, 0.0, True), x)
+    g = torch.ones(10, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(g, 0.5, True)
+    y.sum().backward()
+    torch.testing.assert_close(g.grad, y.detach())  # gradient flows through the kept entries only

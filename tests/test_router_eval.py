@@ -210,10 +210,15 @@ def test_evaluate_writes_json_png_and_budget(trained, tmp_path):
     d = trained
     cfg = EvalConfig(run=d / "run", rank=d / "rank", router=d / "router", image_only_router=d / "img", out=tmp_path,
                      budgets=(0.2, 0.5, 1.0), budget=0.4, save_budget=True)
-    report = evaluate_router(cfg)
+    calls = []
+    report = evaluate_router(cfg, progress=lambda done, total, _: calls.append((done, total)))
     assert json.loads((tmp_path / EVAL_JSON).read_text()) == json.loads(json.dumps(report))
     assert (tmp_path / EVAL_PNG).stat().st_size > 10_000
     data = load_router_data(d / "run", d / "rank", splits=["test"])
+    # progress: samples through both routers (test + val), counted up once each, in batches
+    n_val = len(load_router_data(d / "run", d / "rank", splits=["val"]))
+    assert calls[-1] == (2 * (len(data) + n_val),) * 2 and len(calls) >= 4
+    assert all(a[0] < b[0] and a[1] == b[1] for a, b in zip(calls[:-1], calls[1:], strict=True))
     assert report["n_samples"] == len(data) and report["ladder"] == [4, 8, 16, 32, 64]
     assert set(report["policies"]) == {"router", "image_only", "oracle", "random", *(f"fixed_{t}" for t in report["ladder"])}
     assert report["policies"]["oracle"]["agreement"] == 1.0

@@ -256,11 +256,15 @@ def test_train_cli_works_without_the_language_model(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ray_workers_match_one_process(tables, tmp_path):
-    run, rank = tables
-    one = train_router(cfg_for(run, rank, tmp_path / "one", max_steps=3, dropout=0.0, micro_batch_size=4))
-    two = train_router(cfg_for(run, rank, tmp_path / "two", max_steps=3, dropout=0.0, micro_batch_size=4,
-                               num_workers=2))
+def test_two_ray_workers_match_one_process(tmp_path):
+    run, rank = tmp_path / "run", tmp_path / "rank"
+    write_synthetic_tables(run, rank, n_samples=96, seed=0, row_group_size=4)
+    kw = dict(max_steps=3, dropout=0.0, micro_batch_size=4, shuffle_buffer=16, record_samples=True)
+    one = train_router(cfg_for(run, rank, tmp_path / "one", **kw))
+    two = train_router(cfg_for(run, rank, tmp_path / "two", num_workers=2, **kw))
+    # each worker read its own row groups; together they trained on the same global batches as one process
+    assert [h["sample_ids"] for h in two["history"]] == [h["sample_ids"] for h in one["history"]]
+    assert all(len(h["sample_ids"]) == 16 for h in two["history"])
     assert two["engine"] == "ray" and two["num_workers"] == 2 and two["steps"] == 3
     assert two["history"][-1]["loss"] == pytest.approx(one["history"][-1]["loss"], rel=1e-4)
     for k, v in weights(tmp_path / "one").items():

@@ -47,15 +47,17 @@ def test_other_settings_are_refused_and_the_config_is_never_rewritten(tables, tm
     assert train(run, rank, out, "--max-steps", "2", "--lr", "0.003").exit_code == 0
     config, weights = (out / TRAIN_CONFIG).read_bytes(), (out / "router.safetensors").read_bytes()
 
-    result = train(run, rank, out, "--max-steps", "2", "--lr", "0.002", "--top-k", "4")
+    result = train(run, rank, out, "--max-steps", "2", "--lr", "0.002", "--top-k", "4", "--shuffle-buffer", "64")
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {out}: was trained with different settings")
     assert "lr 0.003 -> 0.002" in line and "top_k 32 -> 4" in line and "--force" in line
+    assert "shuffle_buffer 1024 -> 64" in line  # the sample order is a setting
     assert (out / TRAIN_CONFIG).read_bytes() == config and (out / "router.safetensors").read_bytes() == weights
 
     # runtime options (threads, progress, eval batch) are not settings: the same settings resume
-    result = train(run, rank, out, "--max-steps", "2", "--lr", "0.003", "--torch-threads", "2")
+    result = train(run, rank, out, "--max-steps", "2", "--lr", "0.003", "--torch-threads", "2", "--prefetch", "0",
+                   "--record-samples")
     assert result.exit_code == 0, result.output
     assert json.loads((out / METRICS).read_text())["resumed_from_step"] == 2
     assert (out / TRAIN_CONFIG).read_bytes() == config  # not rewritten on resume either
