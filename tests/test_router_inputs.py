@@ -131,7 +131,7 @@ def test_scorer_writes_each_mode_and_the_trainer_reads_it(mode, toy_ckpt, toy_da
         scorer = Scorer(model=str(toy_ckpt), out=str(out), device="cpu", dtype="auto", ladder=lmm.ladder.spec,
                         model_id=lmm.model_id, max_batch_tokens=2048, max_batch_size=64, encode_batch=16,
                         router_inputs=m)
-        summary = scorer(batch).to_pylist()[0]
+        summary = vars(scorer(batch))  # the BatchResult the driver gets
         runs[m] = (out, summary)
         (out / "run.json").write_text(json.dumps({"ladder": lmm.ladder.spec, "config": {"router_inputs": m}}))
     out, summary = runs[mode]
