@@ -36,8 +36,8 @@ Resume (see ``pipeline/writer.py`` for the commit protocol and its guarantees): 
 the same folder deletes uncommitted leftovers, skips every sample whose levels are all in
 feedback, and scores the rest. Samples REJECTED here (bad image, too long) count as done: a
 rerun does not retry them (delete ``errors/score-*.parquet`` or use ``--force`` to retry).
-A different model (``model_id``, a fingerprint of the checkpoint) or ladder than the folder's
-``run.json`` is refused (``ScoreRefused``, exit 2) unless ``--force``, which starts fresh:
+A different model (``model_id``, a fingerprint of the checkpoint), ladder or conversation template
+(``--template``, resolved: ``run.json`` "template") than the folder's ``run.json`` is refused (``ScoreRefused``, exit 2) unless ``--force``, which starts fresh:
 the previous feedback, router_inputs, score errors, router_side and run.json are MOVED to the
 hidden folder ``RUN_DIR/.replaced-<UTC time>/`` (readers skip hidden folders; delete it when
 no longer needed).
@@ -142,6 +142,9 @@ class ScoreConfig:
     ladder: str | None = None
     """Levels to score, e.g. ``"36,72,144,288,576"`` or ``"24x18,216"`` (default: the paper's
     five levels scaled to the model's crop grid)."""
+    template: str = "auto"
+    """Conversation template (``model/conversation.py``): a name, or ``auto`` = the checkpoint's recorded
+    template, else the one its HF chat template stands for, else ``vicuna_v1``. Part of the provenance."""
     max_batch_tokens: int = 2048
     """Token budget (sequences x padded length) of one language-model forward pass (2,048: the
     fastest on CPU in bench/bench_score.py; raise it on GPUs)."""
@@ -198,6 +201,10 @@ class ScoreConfig:
             raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
         if self.object_store_mb is not None and self.object_store_mb < 64:
             raise ValueError(f"object_store_mb must be >= 64, got {self.object_store_mb}")
+        if self.template != "auto":
+            from rglf.model.conversation import get_template
+
+            self.template = get_template(self.template).name
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -300,6 +307,7 @@ class Scorer:
         max_batch_tokens: int,
         max_batch_size: int,
         encode_batch: int,
+        template: str = "auto",
     ):
         import torch
 
@@ -309,7 +317,8 @@ class Scorer:
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
         self.lmm = FrozenLMM.from_pretrained(
-            model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder, known=known_files(out)
+            model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder, known=known_files(out),
+            template=template,
         )
         if self.lmm.model_id != model_id:
             raise RuntimeError(
@@ -487,8 +496,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
-    """Check the folder's provenance (refuse a different model/ladder) or, with ``force``, move old outputs aside.
+def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log, template: str | None = None) -> dict | None:
+    """Check the folder's provenance (refuse a different model/ladder/template) or, with ``force``, move old outputs aside.
 
     Returns the previous ``run.json`` (None when starting fresh).
     """
@@ -515,6 +524,10 @@ def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
             problems.append(f"model {previous.get('model_id')} -> {model_id}")
         if previous.get("ladder", {}).get("spec") != ladder.spec:
             problems.append(f"ladder {previous.get('ladder', {}).get('spec')} -> {ladder.spec}")
+        if template is not None and (previous.get("template") or {}).get("name") != template:
+            # a run.json without a template predates whole-prompt tokenisation: its ids are not comparable
+            old = (previous.get("template") or {}).get("name", "unrecorded (scored before templates were recorded)")
+            problems.append(f"template {old} -> {template}")
         if problems:
             raise ScoreRefused(
                 f"{out} was scored with a different configuration ({'; '.join(problems)}); mixing them would "
@@ -581,7 +594,8 @@ def connect_ray(cfg: ScoreConfig, log) -> bool:
     return True
 
 
-def build_pipeline(cfg: ScoreConfig, model_id: str, ladder, skip: set[str], partial: dict[str, list[int]]):
+def build_pipeline(cfg: ScoreConfig, model_id: str, ladder, skip: set[str], partial: dict[str, list[int]],
+                   template: str = "auto"):
     """The job as a Ray Dataset of per-batch summaries: read -> load_images -> score (+ write)."""
     import ray
 
@@ -612,7 +626,7 @@ def build_pipeline(cfg: ScoreConfig, model_id: str, ladder, skip: set[str], part
         fn_constructor_kwargs={
             "model": str(cfg.model), "out": str(cfg.run_dir), "device": cfg.device, "dtype": cfg.dtype,
             "ladder": ladder.spec, "model_id": model_id, "max_batch_tokens": cfg.max_batch_tokens,
-            "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch,
+            "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch, "template": template,
         },
     )
 
@@ -681,7 +695,10 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
     started = _now()
     known = known_files(cfg.run_dir)  # cached per-file hashes: a resumed run does not re-hash the checkpoint
     model_id, ladder = resolve_model(cfg.model, cfg.ladder, known=known)
-    previous = prepare_output(cfg, model_id, ladder, log)
+    from rglf.model.conversation import resolve_template
+
+    template, template_source = resolve_template(cfg.model, cfg.template)
+    previous = prepare_output(cfg, model_id, ladder, log, template)
     existing = scan_output(cfg.run_dir)
     ids, skip, partial = plan(cfg.run_dir / "samples", existing, ladder)
     report = ScoreReport(samples_total=len(ids), removed_leftovers=len(existing.removed))
@@ -703,19 +720,20 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
         "run_id": (previous or {}).get("run_id") or new_run_id(),  # checked by rank/train (model/provenance.py)
         "model_files": checkpoint_identity(cfg.model, known=known).to_json(),
         "ladder": {"spec": ladder.spec, "tokens": list(ladder.tokens), "grid": ladder.grid},
+        "template": {"name": template, "source": template_source},
         "history": history,
     }
     write_text_atomic(cfg.run_dir / "run.json", json.dumps(record, indent=2) + "\n")
     log(
         f"score: {report.samples_total} samples, {report.skipped_done} already done, {pending} to score; "
-        f"model {model_id}, ladder {','.join(map(str, ladder.tokens))}"
+        f"model {model_id}, ladder {','.join(map(str, ladder.tokens))}, template {template}"
     )
 
     t0 = time.perf_counter()
     if pending:
         started_ray = connect_ray(cfg, log)
         try:
-            dataset = build_pipeline(cfg, model_id, ladder, skip, partial)
+            dataset = build_pipeline(cfg, model_id, ladder, skip, partial, template)
             for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 report.batches += summary.num_rows
                 for node in summary.column("node_id").to_pylist():
@@ -733,7 +751,7 @@ def run_score(cfg: ScoreConfig, log=print) -> ScoreReport:
         from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
 
         log("router_side/ missing: loading the model on this machine (CPU) to write it")
-        ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir)
+        ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec, template=template), cfg.run_dir)
     report.seconds = time.perf_counter() - t0
 
     report.duplicates_removed = sum(dedupe(cfg.run_dir, t) for t in TABLES)

@@ -107,7 +107,7 @@ def preprocess_multimodal(source, flavour="llava"):
 def get_prompt(name, messages):
     """LLaVA's Conversation.get_prompt for the TWO / LLAMA_2 / MPT templates; messages = [(role, text or None)]."""
     t = TEMPLATES[name]
-    style, (user, assistant), sep, sep2, system = t["style"], t["roles"], t["sep"], t["sep2"], t["system"]
+    style, sep, sep2, system = t["style"], t["sep"], t["sep2"], t["system"]
     if style == "TWO":
         ret = system + sep
         for i, (role, message) in enumerate(messages):

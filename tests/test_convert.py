@@ -265,7 +265,7 @@ def test_hf_folder_and_existing_destination_are_refused(tiny_ckpt, clip_next, vi
     (dst / "stale.txt").write_text("old")
     with pytest.raises(ConvertError, match="already exists"):
         convert_checkpoint(src, dst, vision_config=vision_json)
-    convert_checkpoint(src, dst, vision_config=vision_json, overwrite=True)
+    convert_checkpoint(src, dst, vision_config=vision_json, force=True)
     assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 

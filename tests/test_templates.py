@@ -10,8 +10,8 @@ Llama-3 BPE for llava_llama_3. The reference side is tests/reference_llava.py.
 from __future__ import annotations
 
 import pytest
-
 import reference_llava as ref
+
 from rglf.model.conversation import (
     IGNORE_INDEX,
     ConversationError,
