@@ -398,7 +398,7 @@ def check_router_settings(orig: dict[str, Any]) -> None:
             continue
         if (isinstance(value, bool) and bool not in kind) or not isinstance(value, kind):
             raise ConvertError(
-                f"config.json: {key} {value!r} is not a {' or '.join(k.__name__ for k in kind)}. Fix the key in the source config"
+                f"config.json: {key} {value!r} must be of type {' or '.join(k.__name__ for k in kind)}. Fix the key in the source config"
             )
 
 
