@@ -252,7 +252,8 @@ def place_image(text: str, rule: str) -> str:
     """The first human turn as the reference's ``preprocess_multimodal`` leaves it (rule 'llava' or 'next').
 
     A turn without ``<image>`` (the record has an image all the same) is treated as if it ended
-    with one: ``<image>\\n`` goes in front, as llava-hf's processors put it (LLaVA would drop the image).
+    with one: ``<image>\\n`` goes in front, where every template expects it (LLaVA itself would train without
+    the image: ``tokenizer_image_token`` finds no placeholder).
     """
     count = text.count(IMAGE_PLACEHOLDER)
     if count > 1:
