@@ -793,7 +793,9 @@ def convert_cmd(
     epilog="Example: rglf export-router runs/router /models/avg-llava-7b --force   (merge into an original checkpoint)",
 )
 def export_router_cmd(
-    router: Annotated[Path, typer.Argument(help="Router folder (from `rglf train`), or a published router.")],
+    src: Annotated[
+        Path, typer.Argument(metavar="ROUTER", help="Router folder (from `rglf train`), or a published router.")
+    ],
     dst: Annotated[
         Path,
         typer.Argument(help="An original-layout AVG-LLaVA / LLaVA checkpoint to merge the router into, or a folder "
@@ -807,11 +809,17 @@ def export_router_cmd(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Write a trained router under AVG-LLaVA's published names (model.router.*), optionally into its checkpoint."""
+    """Write a trained router under AVG-LLaVA's published names (model.router.*), optionally into its checkpoint.
+
+    ROUTER and DST are positional, source then destination, as in `rglf convert SRC DST`.
+    """
     ui = Output("export-router", quiet, verbose)
+    _need_folder(src, "ROUTER")
+    if dst.exists() and not dst.is_dir():
+        raise BadPath(f"DST {dst}: is a file, not a folder. Pass an original-layout checkpoint folder or a new folder")
     from rglf.model.convert import export_router
 
-    ui.summary(export_router(router, dst, force=force, dtype=dtype).summary())
+    ui.summary(export_router(src, dst, force=force, dtype=dtype).summary())
 
 
 @app.command(
@@ -844,6 +852,10 @@ def prompt_cmd(
     ui = Output("prompt", quiet, verbose)
     if fmt not in ("table", "json"):
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    _need_file(data, "DATA")
+    _need_checkpoint(model)
+    if image_root is not None:
+        _need_folder(image_root, "--image-root")
     from rglf.pipeline.prompt import PromptConfig, format_record, inspect_prompts
 
     try:
