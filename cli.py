@@ -707,6 +707,10 @@ def score_cmd(
     ladder: Annotated[
         str | None, typer.Option(help="Levels, e.g. 36,72,144,288,576 or 24x18 (default: the paper's five).")
     ] = None,
+    template: Annotated[
+        str, typer.Option(help="Conversation template (vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
+                               "qwen) or auto: the checkpoint's recorded one, else its HF chat template's, else vicuna_v1.")
+    ] = "auto",
     max_batch_tokens: Annotated[int, typer.Option(help="Token budget (sequences x length) per forward pass.")] = 2048,
     max_batch_size: Annotated[int, typer.Option(help="Most sequences per forward pass.")] = 64,
     encode_batch: Annotated[int, typer.Option(help="Images per vision-tower pass.")] = 16,
@@ -737,8 +741,9 @@ def score_cmd(
     Writes RUN/feedback, router_inputs, errors/score-*, router_side, index, run.json and score.toml (the options, for --config); a rerun skips what is
     done. One writer per run folder.
 
-    Exit status: 0 all scored, 3 some inputs rejected (or no samples), 2 refused (another model or ladder than
-    run.json), 4 no samples (ingest first), 5 impossible resources, 6 run folder locked, 130 interrupted.
+    Exit status: 0 all scored, 3 some inputs rejected (or no samples), 2 refused (another model, ladder, template or
+    router-inputs mode than run.json), 4 no samples (ingest first), 5 impossible resources, 6 run folder locked,
+    130 interrupted.
     """
     ui = Output("score", quiet, verbose)
     from rglf.pipeline.score import ScoreConfig, run_score
@@ -763,8 +768,9 @@ def score_cmd(
         cfg = ScoreConfig(
             run_dir=run, model=model, workers=workers, gpus_per_worker=gpus_per_worker,
             cpus_per_worker=cpus_per_worker, worker_resources=resources, batch_size=batch_size, device=device, dtype=dtype,
-            ladder=ladder, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, encode_batch=encode_batch,
-            router_inputs=router_inputs, max_aspect=max_aspect, min_side=min_side, image_cpus=image_cpus, address=address, num_cpus=num_cpus,
+            ladder=ladder, template=template, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+            encode_batch=encode_batch, router_inputs=router_inputs, max_aspect=max_aspect, min_side=min_side,
+            image_cpus=image_cpus, address=address, num_cpus=num_cpus,
             object_store_mb=object_store_mb, ray_temp_dir=ray_temp_dir, force=force, progress=verbose,
         )
     except ValueError as e:
@@ -791,11 +797,19 @@ def convert_cmd(
     image_token_id: Annotated[
         int | None, typer.Option(help="Image placeholder id (default: the tokenizer's <image>, else vocab size).")
     ] = None,
+    template: Annotated[
+        str | None, typer.Option(help="Conversation template to record in DST (default: detected from the config: "
+                                      "version, model_type, vocabulary; AVG-LLaVA and vicuna: vicuna_v1).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Convert an original LLaVA / AVG-LLaVA checkpoint into the HF LLaVA-NeXT layout FrozenLMM loads."""
+    """Convert an original LLaVA / AVG-LLaVA checkpoint into the HF LLaVA-NeXT layout FrozenLMM loads.
+
+    Also records the conversation template, the ladder (vis_token_granularity) and the published router's
+    config in DST/rglf_checkpoint.json; AVG-LLaVA's router weights go to DST/avg_llava_router.safetensors.
+    """
     ui = Output("convert", quiet, verbose)
     from rglf.model.convert import convert_checkpoint
 
@@ -805,8 +819,100 @@ def convert_cmd(
     if dst.exists() and not force:
         raise BadPath(f"DST {dst}: already exists. Pass --force to replace it, or choose another DST")
 
-    report = convert_checkpoint(src, dst, vision_config=vision_config, image_token_id=image_token_id, overwrite=force)
+    report = convert_checkpoint(
+        src, dst, vision_config=vision_config, image_token_id=image_token_id, template=template, force=force
+    )
     ui.summary(report.summary())
+
+
+@app.command(
+    "export-router",
+    epilog="Example: rglf export-router runs/router /models/avg-llava-7b --force   (merge into an original checkpoint)",
+)
+def export_router_cmd(
+    src: Annotated[
+        Path, typer.Argument(metavar="ROUTER", help="Router folder (from `rglf train`), or a published router.")
+    ],
+    dst: Annotated[
+        Path,
+        typer.Argument(help="An original-layout AVG-LLaVA / LLaVA checkpoint to merge the router into, or a folder "
+                            "to write avg_llava_router.safetensors + its config to."),
+    ],
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the replaced router's, else the "
+                                      "checkpoint's torch_dtype, else float32).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a router already in DST.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write a trained router under AVG-LLaVA's published names (model.router.*), optionally into its checkpoint.
+
+    ROUTER and DST are positional, source then destination, as in `rglf convert SRC DST`.
+    """
+    ui = Output("export-router", quiet, verbose)
+    _need_folder(src, "ROUTER")
+    if dst.exists() and not dst.is_dir():
+        raise BadPath(f"DST {dst}: is a file, not a folder. Pass an original-layout checkpoint folder or a new folder")
+    from rglf.model.convert import export_router
+
+    ui.summary(export_router(src, dst, force=force, dtype=dtype).summary())
+
+
+@app.command(
+    "prompt",
+    epilog="Example: rglf prompt data/sample.json --model /models/avg-llava-7b-hf --format json --output ids.jsonl",
+)
+def prompt_cmd(
+    data: Annotated[Path, typer.Argument(help="LLaVA-format JSON (a list) or JSONL file.")],
+    model: Annotated[Path, typer.Option(help="HF-format checkpoint folder (tokenizer, config, template; no weights loaded).")],
+    template: Annotated[
+        str, typer.Option(help="Conversation template (vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
+                               "qwen) or auto: the checkpoint's recorded one, else its HF chat template's, else vicuna_v1.")
+    ] = "auto",
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder the records' image paths are relative to (default: DATA's folder).")
+    ] = None,
+    ladder: Annotated[
+        str | None, typer.Option(help="Levels to count visual tokens for (default: the checkpoint's, else 36,72,144,288,576).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many records.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table (readable) or json (one object per record per line).")] = "table",
+    output: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show what `rglf score` scores: per record the prompt, its tokens (answers marked), the image position and
+    visual tokens per level. Exit 3 if some records are rejected."""
+    import json
+
+    ui = Output("prompt", quiet, verbose)
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    _need_file(data, "DATA")
+    _need_checkpoint(model)
+    if image_root is not None:
+        _need_folder(image_root, "--image-root")
+    from rglf.pipeline.prompt import PromptConfig, format_record, inspect_prompts
+
+    try:
+        cfg = PromptConfig(data=data, model=model, template=template, image_root=image_root, ladder=ladder, limit=limit)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    rejected = 0
+    blocks: list[str] = []
+    for rec in inspect_prompts(cfg):
+        rejected += "input_ids" not in rec
+        blocks.append(json.dumps(rec, ensure_ascii=False) if fmt == "json" else format_record(rec))
+    text = "\n".join(blocks) if fmt == "json" else "\n\n".join(blocks)
+    if output is None:
+        typer.echo(text)
+    else:
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, output)
+        ui.summary(f"prompt: {len(blocks)} records ({rejected} rejected) -> {output}")
+    raise typer.Exit(3 if rejected or not blocks else 0)
 
 
 # ---- SQL analysis of granularity preferences: rank, sql, report ------------------------
@@ -1091,7 +1197,11 @@ def eval_summary(report: dict[str, Any], out: Path) -> str:
     "rglf route --router runs/router --data data/test.json --image-root data --out runs/routed.parquet",
 )
 def route_cmd(
-    router: Annotated[Path, typer.Option(help="Router folder (from `rglf train`).")],
+    router: Annotated[
+        Path,
+        typer.Option(help="Router folder (from `rglf train`), or a published AVG-LLaVA router: a `rglf convert`ed "
+                          "checkpoint, an `rglf export-router` folder, or an original AVG-LLaVA checkpoint."),
+    ],
     image: Annotated[Path | None, typer.Option(help="One image file (with --question).")] = None,
     question: Annotated[str | None, typer.Option(help="The question (the instruction) about --image.")] = None,
     data: Annotated[
@@ -1101,7 +1211,15 @@ def route_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Parquet file for --data: one row per record (level, probabilities, tokens).")
     ] = None,
-    model: Annotated[Path, typer.Option(help="HF-format LLaVA(-NeXT) checkpoint folder.")] = DEFAULT_CHECKPOINT,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="HF-format LLaVA(-NeXT) checkpoint folder (default: --router when it is one, else the "
+                          "embedded default)."),
+    ] = None,
+    template: Annotated[
+        str, typer.Option(help="Conversation template (vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
+                               "qwen) or auto: the checkpoint's recorded one, else its HF chat template's, else vicuna_v1.")
+    ] = "auto",
     answer: Annotated[bool, typer.Option(help="Also generate the greedy answer at the chosen level.")] = False,
     budget: Annotated[
         float | None, typer.Option(help="Token budget calibrated in ROUTER/budget.json (`rglf eval --save-budget`).")
@@ -1137,9 +1255,11 @@ def route_cmd(
         raise typer.BadParameter("give --image and --question (one image), or --data, --image-root and --out")
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
-    if not (router / "router_config.json").is_file():
-        raise StageMissing(f"--router {router}: no trained router there (no router_config.json). Train one first: "
-                           f"rglf train --run RUN --rank RANK --out {router}")
+    from rglf.model.convert import is_published_router
+
+    if not (router / "router_config.json").is_file() and not is_published_router(router):
+        raise StageMissing(f"--router {router}: no trained router there (no router_config.json, no published AVG-LLaVA "
+                           f"router). Train one first: rglf train --run RUN --rank RANK --out {router}")
     if data is None:
         _need_file(image, "--image")
         from PIL import Image, UnidentifiedImageError
@@ -1151,6 +1271,10 @@ def route_cmd(
             raise BadPath(f"--image {image}: not a readable image ({e}). Pass a PNG/JPEG/... file") from None
     else:
         _need_file(data, "--data")
+    if model is None:  # a converted AVG-LLaVA checkpoint carries its router
+        from rglf.router.route import default_model
+
+        model = default_model(router)
     _need_checkpoint(model)
     from rglf.router.preflight import check_device
     from rglf.router.route import Router, format_route, route, route_dataset
@@ -1160,10 +1284,10 @@ def route_cmd(
     try:
         if data is None:
             result = route(router, model, image, question, answer=answer, budget=budget, lam=lam,
-                           max_new_tokens=max_new_tokens, device=device)
+                           max_new_tokens=max_new_tokens, device=device, template=template)
             ui.summary(json.dumps(result, indent=2) if fmt == "json" else format_route(result))
             return
-        loaded = Router.load(router, model, device=device)
+        loaded = Router.load(router, model, device=device, template=template)
         with ui.progress("route", unit="records") as bar:
             report = route_dataset(loaded, data, image_root, out, batch_size=batch_size, budget=budget, lam=lam,
                                    answer=answer, max_new_tokens=max_new_tokens, progress=bar)

@@ -121,6 +121,7 @@ def write_router_inputs(run_dir: str | Path, rows: list[dict[str, Any]], part: i
 # ---- a learnable synthetic problem ----------------------------------------------------------
 
 SYNTHETIC_KEYS = {1: 0, 2: 2, 3: 4}  # key instruction token -> best level index
+SYNTHETIC_BOS = 0  # first id of every synthetic instruction, like the BOS of the job's instruction ids
 
 
 def write_synthetic_tables(
@@ -140,8 +141,9 @@ def write_synthetic_tables(
     """A run + rank folder where the best level is set by a key token in the instruction.
 
     Ladder: the default 5 levels scaled to ``grid`` (grid 8: 4,8,16,32,64). Sample ``i`` has 1-2
-    crops of random features, an instruction of 3-6 random filler ids (4..vocab-1) with one key
-    id (1, 2 or 3 -> best level 0, 2 or 4), and NLLs ``0.1 + 0.4 |level - best|`` + noise.
+    crops of random features, an instruction of id 0 (a BOS: the scoring job's instruction ids keep it,
+    as the reference does) then 3-6 random filler ids (4..vocab-1) with one key id (1, 2 or 3 -> best
+    level 0, 2 or 4), and NLLs ``0.1 + 0.4 |level - best|`` + noise.
     Splits (val, test fractions) by hash; ``with_split_column=False`` leaves them null.
     ``row_group_size``: rows per router_inputs row group (the stream's unit; None: one).
     """
@@ -164,6 +166,7 @@ def write_synthetic_tables(
         best = SYNTHETIC_KEYS[key]
         filler = rng.integers(4, vocab, int(rng.integers(3, 7))).tolist()
         filler.insert(int(rng.integers(0, len(filler) + 1)), key)
+        filler.insert(0, SYNTHETIC_BOS)
         n_crops = int(rng.integers(1, 3))
         rows.append(
             {

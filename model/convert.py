@@ -16,8 +16,9 @@ Key map (original prefix -> transformers 5.23 prefix; the rest of the name is ke
     model.mm_projector.2.{weight,bias}            -> model.multi_modal_projector.linear_2.*
     model.image_newline                           -> model.image_newline
     model.vision_tower.vision_tower.vision_model.* -> model.vision_tower.*
-    model.router.*  (AVG-LLaVA)                   -> DST/avg_llava_router.safetensors, names untouched
-                                                     (load with model.router.convert_avg_llava_router_state_dict)
+    model.router.*  (AVG-LLaVA)                   -> DST/avg_llava_router.safetensors, names and bytes untouched;
+                                                     its RouterConfig in DST/rglf_checkpoint.json ("router"):
+                                                     ``load_published_router(DST)`` (``rglf route --router DST``)
 
 Buffers older transformers versions saved (``*.position_ids``, ``*.rotary_emb.inv_freq``) are
 dropped: they are rebuilt at load. Every other key must map to a parameter of the target model
@@ -32,7 +33,16 @@ Config map (original key -> HF):
     mm_vision_select_feature 'patch'    -> vision_feature_select_strategy 'default' (drop CLS);
                              'cls_patch'-> 'full'
     image_grid_pinpoints [[w, h], ...]  -> image_grid_pinpoints [[h, w], ...] (LLaVA's select_best_resolution
-                                           reads (width, height), transformers' reads (height, width); order kept)
+                                           reads (width, height), transformers' reads (height, width); order kept).
+                                           Also its string form "[[336, 672], ...]" (AVG-LLaVA's train.py default,
+                                           parsed with ast.literal_eval as LLaVA's mm_utils does)
+    vis_token_granularity [36, ...]     -> the ladder, recorded in DST/rglf_checkpoint.json ("ladder"); also "36,72,..."
+    filtered_text_num (absent: 32), vis_token_granularity -> the published router's RouterConfig (top_k, ladder)
+    (no template key: version / conv_mode if present, else model_type / vocabulary / router -> the conversation
+     template recorded in DST/rglf_checkpoint.json ("template"; ``detect_template``, or ``--template``)
+
+Anything else in those keys (e.g. LLaVA-OneVision's "(1x1),...,(6x6)" pinpoints, or router weights without
+``vis_token_granularity``) is a ``ConvertError`` naming the key.
     Llama fields (hidden_size, num_hidden_layers, rope_theta, ...) -> text_config (LlamaConfig)
 
 What the conversion needs besides the folder:
@@ -61,6 +71,7 @@ source config, verbatim) and ``convert.json`` (what was converted, from where).
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -71,6 +82,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .conversation import CHECKPOINT_RECORD
 
 ROUTER_PREFIX = "model.router."
 ROUTER_FILE = "avg_llava_router.safetensors"
@@ -151,11 +164,15 @@ class ConvertReport:
     tokenizer_files: list[str]
     dtype: str
     avg_llava: dict[str, Any] = field(default_factory=dict)
+    template: str = "vicuna_v1"
+    ladder: str | None = None
 
     def summary(self) -> str:
         router = f", {self.router_tensors} router tensors -> {ROUTER_FILE}" if self.router_tensors else ""
+        ladder = f", ladder {self.ladder}" if self.ladder else ""
         return (
             f"converted {self.src} -> {self.dst}: {self.model_type}, {self.tensors} tensors ({self.dtype}){router}; "
+            f"template {self.template}{ladder}; "
             f"vision config from {self.vision_config_source}; image token id {self.image_token_id}; "
             f"tokenizer files: {', '.join(self.tokenizer_files) or 'none'}"
         )
@@ -318,6 +335,139 @@ def read_vision_config_file(path: str | Path | dict | None) -> dict | None:
     return data.get("vision_config", data)  # a CLIPConfig holds the vision part under vision_config
 
 
+def parse_pinpoints(value: Any) -> list[list[int]]:
+    """``image_grid_pinpoints`` as LLaVA writes it: a list of [width, height] pairs, or that list's string
+    form (AVG-LLaVA's ``train.py`` default, parsed with ``ast.literal_eval`` as LLaVA's ``mm_utils`` does)."""
+    given = value
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConvertError(
+                f"config.json: image_grid_pinpoints {given!r} is not a list of [width, height] pairs (nor its string "
+                "form, e.g. \"[[336, 672], [672, 336]]\"). Fix the key in the source config"
+            ) from None
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                             for v in p)
+        for p in value
+    )
+    if not ok:
+        raise ConvertError(
+            f"config.json: image_grid_pinpoints {given!r} is not a list of [width, height] pairs of positive integers "
+            "(LLaVA-NeXT 'anyres'). Fix the key in the source config"
+        )
+    return [[int(w), int(h)] for w, h in value]
+
+
+def parse_granularity(value: Any, grid: int) -> str | None:
+    """AVG-LLaVA's ``vis_token_granularity`` (a list of token counts, or "36,72,..." as passed to ``train.py``)
+    -> a ladder spec on the crop grid; None when absent."""
+    from .scaler import Ladder, LadderError
+
+    if value is None:
+        return None
+    tokens = value
+    if isinstance(value, str):
+        try:
+            tokens = [int(t) for t in value.split(",")]
+        except ValueError:
+            tokens = None
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = [tokens]
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise ConvertError(
+            f"config.json: vis_token_granularity {value!r} is not a list of token counts (e.g. [36, 72, 144, 288, 576]). "
+            "Fix the key in the source config"
+        )
+    if tokens != sorted(set(tokens)):
+        raise ConvertError(f"config.json: vis_token_granularity {value!r} must be ascending without repeats (router expert i = level i)")
+    try:
+        return Ladder.parse(",".join(map(str, tokens)), grid).spec
+    except LadderError as err:
+        raise ConvertError(f"config.json: vis_token_granularity {value!r}: {err}") from None
+
+
+def check_router_settings(orig: dict[str, Any]) -> None:
+    """AVG-LLaVA's router and loss settings must have the types its ``train.py`` writes."""
+    kinds = {"router_select": (bool,), "filtered_text_num": (int,), "margin": (int, float),
+             "rank_loss_weight": (int, float), "ce_loss_weight": (int, float), "tune_router": (bool,)}
+    for key, kind in kinds.items():
+        value = orig.get(key)
+        if value is None:
+            continue
+        if (isinstance(value, bool) and bool not in kind) or not isinstance(value, kind):
+            raise ConvertError(
+                f"config.json: {key} {value!r} must be of type {' or '.join(k.__name__ for k in kind)}. Fix the key in the source config"
+            )
+
+
+def published_router_config(orig: dict[str, Any], shapes: dict[str, tuple[int, ...]], hidden: int, grid: int):
+    """The ``RouterConfig`` of the published router weights (``model.router.*``) from the original config.
+
+    ``vis_token_granularity`` -> the ladder; ``filtered_text_num`` (absent: 32, as the reference's
+    ``getattr(config, 'filtered_text_num', 32)``) -> ``top_k``; the merger attends across crops and has
+    8 heads, as the reference builds it. Checked against the weights' shapes.
+    """
+    from .router import (
+        AVG_LLAVA_KEY_PREFIX,
+        GranularityRouter,
+        RouterConfig,
+        convert_avg_llava_router_state_dict,
+    )
+
+    ladder = parse_granularity(orig.get("vis_token_granularity"), grid)
+    if ladder is None:
+        raise ConvertError(
+            "config.json: vis_token_granularity is missing but the weights hold an AVG-LLaVA router (model.router.*); "
+            "add the router's levels, e.g. [36, 72, 144, 288, 576]"
+        )
+    check_router_settings(orig)
+    top_k = orig.get("filtered_text_num") or 32
+    if top_k <= 0:
+        raise ConvertError(f"config.json: filtered_text_num {top_k} must be positive")
+    config = RouterConfig(hidden_size=hidden, ladder=ladder, grid=grid, top_k=top_k, merger_attends="crops")
+    try:
+        names = convert_avg_llava_router_state_dict({k: torch.empty(0) for k in shapes if k.startswith(AVG_LLAVA_KEY_PREFIX)})
+    except KeyError as err:
+        raise ConvertError(str(err).strip("'\"")) from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GranularityRouter(config).state_dict().items()}
+    bad = [f"{AVG_LLAVA_KEY_PREFIX}{k} {shapes[AVG_LLAVA_KEY_PREFIX + k]} != {expected[k]}" for k in names
+           if shapes[AVG_LLAVA_KEY_PREFIX + k] != expected[k]]
+    if bad:
+        raise ConvertError(
+            f"router weights do not match vis_token_granularity {orig.get('vis_token_granularity')} + filtered_text_num "
+            f"{top_k} (voter rows = sum of levels + filtered_text_num): {', '.join(bad)}"
+        )
+    return config
+
+
+def detect_template(orig: dict[str, Any], src: Path, has_router: bool) -> tuple[str, str]:
+    """The conversation template an original checkpoint was trained with (its config does not say)."""
+    for key in ("version", "conv_mode", "conversation", "template"):
+        if isinstance(orig.get(key), str):
+            from .conversation import TemplateError, get_template
+
+            try:
+                return get_template(orig[key]).name, f"config.json {key} {orig[key]!r}"
+            except TemplateError as err:
+                raise ConvertError(f"config.json: {key}: {err}") from None
+    model_type = orig.get("model_type", "")
+    if model_type == "llava_mistral":
+        return "mistral_instruct", "config.json model_type 'llava_mistral' (LLaVA-1.6 mistral)"
+    if model_type.startswith("llava_qwen"):
+        return "qwen", f"config.json model_type {model_type!r} (LLaVA-NeXT qwen)"
+    vocab = orig.get("vocab_size")
+    if vocab in (128256, 128257):
+        return "llava_llama_3", f"vocab_size {vocab} (Llama-3: llama3-llava-next)"
+    if vocab in (64000, 64002):
+        return "chatml_direct", f"vocab_size {vocab} (Yi: llava-v1.6-34b)"
+    if has_router:
+        return "vicuna_v1", "AVG-LLaVA (router weights; its training scripts pass --version v1)"
+    return "vicuna_v1", "default: vicuna LLaVA-1.5/1.6 train with --version v1 (pass --template otherwise)"
+
+
 def build_hf_config(orig: dict[str, Any], vision_config, image_token_id: int, dtype: torch.dtype):
     """``LlavaNextConfig`` (anyres, spatial_unpad) or ``LlavaConfig`` (flat) from the original config."""
     from transformers import LlamaConfig, LlavaConfig, LlavaNextConfig
@@ -346,9 +496,7 @@ def build_hf_config(orig: dict[str, Any], vision_config, image_token_id: int, dt
         dtype=str(dtype).removeprefix("torch."),
     )
     if merge == "spatial_unpad" and aspect == "anyres":
-        if not orig.get("image_grid_pinpoints"):
-            raise ConvertError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in the config")
-        pinpoints = [[int(h), int(w)] for w, h in orig["image_grid_pinpoints"]]  # LLaVA (w, h) -> HF (h, w)
+        pinpoints = [[h, w] for w, h in parse_pinpoints(orig.get("image_grid_pinpoints"))]  # LLaVA (w, h) -> HF (h, w)
         grid = vision_config.image_size // vision_config.patch_size
         config = LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=grid * grid, **common)
     elif merge == "flat" and aspect in ("pad", "square"):
@@ -446,15 +594,23 @@ def convert_checkpoint(
     *,
     vision_config: str | Path | dict | None = None,
     image_token_id: int | None = None,
-    overwrite: bool = False,
+    template: str | None = None,
+    force: bool = False,
 ) -> ConvertReport:
-    """Convert an original LLaVA / AVG-LLaVA folder ``src`` into a new HF-format folder ``dst``."""
+    """Convert an original LLaVA / AVG-LLaVA folder ``src`` into a new HF-format folder ``dst``.
+
+    ``template``: the conversation template to record (default: detected, ``detect_template``).
+    ``force``: replace an existing ``dst``.
+    """
     from safetensors.torch import save_file
 
+    from .conversation import TemplateError, get_template, write_checkpoint_record
+
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConvertError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if dst.exists() and not force:
+        raise ConvertError(f"{dst} already exists. Pass --force to replace it, or choose another destination")
     orig = read_original_config(src)
+    check_router_settings(orig)
     files = weight_files(src)
     shapes, dtype = read_shapes(files)
 
@@ -466,6 +622,18 @@ def convert_checkpoint(
         image_token_id = found if found is not None and found < vocab else vocab
     config = build_hf_config(orig, vcfg, image_token_id, dtype)
     mapping, router_keys, dropped = plan_keys(shapes, expected_shapes(config), config.tie_word_embeddings)
+    grid = vcfg.image_size // vcfg.patch_size
+    ladder = parse_granularity(orig.get("vis_token_granularity"), grid)
+    router_config = (
+        published_router_config(orig, shapes, config.text_config.hidden_size, grid) if router_keys else None
+    )
+    if template is not None:
+        try:
+            template_name, template_source = get_template(template).name, "given (--template)"
+        except TemplateError as err:
+            raise ConvertError(str(err)) from None
+    else:
+        template_name, template_source = detect_template(orig, src, bool(router_keys))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -473,20 +641,22 @@ def convert_checkpoint(
         weight_map: dict[str, str] = {}
         total_bytes = 0
         router: dict[str, torch.Tensor] = {}
-        shard_names = (
-            ["model.safetensors"] if len(files) == 1
-            else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-        )
-        for path, name in zip(files, shard_names, strict=True):
+        written: list[tuple[Path, list[str]]] = []  # (temp shard, its tensor names): files holding only router
+        for k, path in enumerate(files):  # weights write no shard, so shard names count model shards only
             tensors = load_weights(path)
-            shard = {mapping[k]: t.contiguous() for k, t in tensors.items() if k in mapping}
-            router.update({k: t.contiguous() for k, t in tensors.items() if k.startswith(ROUTER_PREFIX)})
+            shard = {mapping[key]: t.contiguous() for key, t in tensors.items() if key in mapping}
+            router.update({key: t.contiguous() for key, t in tensors.items() if key.startswith(ROUTER_PREFIX)})
             del tensors
             if shard:
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
+                part = tmp / f".shard-{k}.safetensors"
+                save_file(shard, str(part), metadata={"format": "pt"})
+                written.append((part, list(shard)))
                 total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
-        if len(set(weight_map.values())) > 1:
+        for k, (part, names) in enumerate(written):
+            name = "model.safetensors" if len(written) == 1 else f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(part, tmp / name)
+            weight_map.update(dict.fromkeys(names, name))
+        if len(written) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if router:
@@ -513,11 +683,20 @@ def convert_checkpoint(
             tokenizer_files=copied,
             dtype=str(dtype).removeprefix("torch."),
             avg_llava={k: orig[k] for k in AVG_LLAVA_KEYS if k in orig},
+            template=template_name,
+            ladder=ladder,
         )
         (tmp / "convert.json").write_text(json.dumps(asdict(report), indent=2))
+        record: dict[str, Any] = {"template": template_name, "template_source": template_source}
+        if ladder is not None:
+            record.update(ladder=ladder, ladder_source="config.json vis_token_granularity")
+        if router_config is not None:
+            record["router"] = {"weights": ROUTER_FILE, "names": "published (model.router.*)",
+                                "config": router_config.to_dict()}
+        write_checkpoint_record(tmp, **record)
 
         old = None
-        if dst.exists():  # overwrite: move the old folder aside first so dst is never half-written
+        if dst.exists():  # force: move the old folder aside first so dst is never half-written
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
             os.replace(dst, old / dst.name)
         os.replace(tmp, dst)
@@ -527,3 +706,279 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+# --------------------------------------------------------------------------------------
+# Published router weights, both ways
+# --------------------------------------------------------------------------------------
+
+
+def _router_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(ROUTER_PREFIX)})
+        else:
+            out.update({k: v for k, v in load_weights(path).items() if k.startswith(ROUTER_PREFIX)})
+    return out
+
+
+def _vision_grid(orig: dict[str, Any], files: list[Path]) -> int:
+    """The crop grid side of an original checkpoint: from its vision tower's position embedding."""
+    shapes, _ = read_shapes(files)
+    rows = shapes.get(ORIGINAL_VISION_PREFIX + "embeddings.position_embedding.weight", (577,))[0]
+    return math.isqrt(rows - 1)
+
+
+def is_published_router(path: str | Path) -> bool:
+    """True for a folder holding AVG-LLaVA router weights under their published names (see ``load_published_router``)."""
+    from .conversation import read_checkpoint_record
+
+    path = Path(path)
+    if (path / ROUTER_FILE).is_file():
+        return True
+    if (path / "config.json").is_file() and "router" not in read_checkpoint_record(path):
+        try:
+            orig = read_original_config(path)
+        except ConvertError:
+            return False
+        return bool(orig.get("router_select") or orig.get("vis_token_granularity"))
+    return False
+
+
+def load_published_router(path: str | Path, device: str | torch.device = "cpu"):
+    """A ``GranularityRouter`` from AVG-LLaVA's published weights (names ``model.router.*``), in eval mode.
+
+    ``path`` is a folder written by ``rglf convert`` (``avg_llava_router.safetensors`` + the router config in
+    ``rglf_checkpoint.json``; older conversions: from ``llava_original_config.json``), by ``rglf export-router``,
+    or an original-layout AVG-LLaVA checkpoint (``config.json`` + shards holding ``model.router.*``).
+    """
+    from safetensors.torch import load_file
+
+    from .conversation import read_checkpoint_record
+    from .router import GranularityRouter, RouterConfig, convert_avg_llava_router_state_dict
+
+    path = Path(path)
+    record = read_checkpoint_record(path).get("router")
+    if (path / ROUTER_FILE).is_file():
+        tensors = load_file(str(path / ROUTER_FILE))
+        if record is not None:
+            config = RouterConfig.from_dict(record["config"])
+        elif (path / "llava_original_config.json").is_file() and (path / "config.json").is_file():
+            orig = json.loads((path / "llava_original_config.json").read_text())
+            vc = json.loads((path / "config.json").read_text())["vision_config"]
+            hidden = int(tensors[ROUTER_PREFIX + "router.0.weight"].shape[0])
+            config = published_router_config(orig, {k: tuple(v.shape) for k, v in tensors.items()}, hidden,
+                                             vc["image_size"] // vc["patch_size"])
+        else:
+            raise ConvertError(
+                f"{path}: {ROUTER_FILE} has no router config beside it ({CHECKPOINT_RECORD} 'router' or "
+                "llava_original_config.json). Re-run `rglf convert` or `rglf export-router`"
+            )
+    else:
+        orig = read_original_config(path)
+        files = weight_files(path)
+        tensors = _router_tensors(files)
+        if not tensors:
+            raise ConvertError(f"{path}: no {ROUTER_PREFIX}* weights: not an AVG-LLaVA checkpoint with a router")
+        hidden = int(tensors[ROUTER_PREFIX + "router.0.weight"].shape[0])
+        config = published_router_config(orig, {k: tuple(v.shape) for k, v in tensors.items()}, hidden,
+                                         _vision_grid(orig, files))
+    router = GranularityRouter(config)
+    state = {k: v.to(torch.float32) for k, v in convert_avg_llava_router_state_dict(tensors).items()}
+    router.load_state_dict(state, strict=True)
+    return router.to(device).eval()
+
+
+def exportable(config) -> None:
+    """Refuse routers the reference code cannot run: it attends across crops, always uses text, has 8 heads,
+    and pools only to (g, g/2), (g/2, g/4) or (g/k, g/k) grids (``matryoshka_vis_token_process``)."""
+    from .scaler import Ladder
+
+    problems = []
+    if config.merger_attends != "crops":
+        problems.append(f"merger_attends {config.merger_attends!r} (the reference attends across crops)")
+    if not config.use_text:
+        problems.append("use_text False (image-only; the reference always feeds filtered_text_num text tokens)")
+    if config.nhead != 8:
+        problems.append(f"nhead {config.nhead} (the reference builds 8 heads)")
+    g = config.grid
+    for lv in Ladder.parse(config.ladder, g).levels:
+        total = g * g
+        if lv.tokens * 2 == total:
+            shape = (g, g // 2)
+        elif lv.tokens * 8 == total:
+            shape = (g // 2, g // 4)
+        else:
+            k = math.isqrt(total // lv.tokens) if total % lv.tokens == 0 else 0
+            shape = (g // k, g // k) if k and g % k == 0 else None
+        if shape != (lv.h, lv.w):
+            problems.append(f"level {lv.name} (the reference pools {lv.tokens} tokens to {shape or 'no grid'})")
+    if problems:
+        raise ConvertError("this router cannot be written in AVG-LLaVA's format: " + "; ".join(problems))
+
+
+@dataclass
+class ExportReport:
+    """What ``export_router`` wrote."""
+
+    router: str
+    dst: str
+    mode: str  # "merged" into an original-layout checkpoint, or "standalone"
+    tensors: int
+    dtype: str
+    files: list[str]
+    config_changes: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        changes = (", config.json: " + ", ".join(f"{k} = {v}" for k, v in self.config_changes.items())
+                   if self.config_changes else "")
+        return (f"exported {self.router} -> {self.dst} ({self.mode}): {self.tensors} tensors as {ROUTER_PREFIX}* "
+                f"({self.dtype}) in {', '.join(self.files)}{changes}")
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_router(router_path: str | Path, dst: str | Path, *, force: bool = False, dtype: str | None = None) -> ExportReport:
+    """Write a router under AVG-LLaVA's published names (``model.router.*``).
+
+    ``router_path``: a router folder (``rglf train``) or any published router ``load_published_router`` reads.
+    ``dst``: an original-layout AVG-LLaVA / LLaVA checkpoint folder (``config.json`` with ``mm_*`` keys): the
+    router is merged in (a sharded folder gets ``model-avg-llava-router.safetensors`` and index entries, a
+    single-file one its ``model.safetensors`` rewritten with the router added; ``config.json`` gets
+    ``vis_token_granularity``, ``filtered_text_num`` and ``router_select`` where they differ), replacing a
+    router already there only with ``force``. Any other ``dst``: a folder with ``avg_llava_router.safetensors``
+    and its config in ``rglf_checkpoint.json`` (what ``rglf convert`` writes beside a converted checkpoint).
+    ``dtype``: float32 / bfloat16 / float16 (default: the dtype of the router being replaced, else the
+    checkpoint's ``torch_dtype``, else float32).
+    """
+    from .conversation import read_checkpoint_record, write_checkpoint_record
+    from .router import AVG_LLAVA_KEY_MAP, ROUTER_CONFIG, load_router
+
+    router_path, dst = Path(router_path), Path(dst)
+    if (router_path / ROUTER_CONFIG).is_file():
+        router = load_router(router_path)
+    elif is_published_router(router_path):
+        router = load_published_router(router_path)
+    else:
+        raise ConvertError(
+            f"{router_path}: not a router folder ({ROUTER_CONFIG}) nor a published AVG-LLaVA router. "
+            "Pass the folder `rglf train --out` wrote"
+        )
+    config = router.config
+    exportable(config)
+    reverse = {ours: published for published, ours in AVG_LLAVA_KEY_MAP.items()}
+    state = {ROUTER_PREFIX + reverse[k]: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ConvertError(f"--dtype {dtype!r} is not one of {sorted(dtypes)}")
+
+    original = None
+    if (dst / "config.json").is_file():
+        try:
+            original = read_original_config(dst)
+        except ConvertError:
+            original = None
+    if original is None:  # standalone
+        if dst.exists() and not dst.is_dir():
+            raise ConvertError(f"{dst} exists and is not a folder. Choose another destination")
+        if (dst / ROUTER_FILE).exists() and not force:
+            raise ConvertError(f"{dst / ROUTER_FILE} already exists. Pass --force to replace it")
+        dst.mkdir(parents=True, exist_ok=True)
+        target = dtypes[dtype or "float32"]
+        _save_atomic({k: v.to(target) for k, v in state.items()}, dst / ROUTER_FILE)
+        record = {"router": {"weights": ROUTER_FILE, "names": "published (model.router.*)",
+                             "config": config.to_dict()}}
+        if "ladder" not in read_checkpoint_record(dst):
+            from .scaler import Ladder
+
+            record["ladder"] = Ladder.parse(config.ladder, config.grid).spec
+        write_checkpoint_record(dst, **record)
+        return ExportReport(str(router_path), str(dst), "standalone", len(state), str(target).removeprefix("torch."),
+                            [ROUTER_FILE, CHECKPOINT_RECORD])
+
+    # merge into an original-layout checkpoint
+    files = weight_files(dst)
+    existing = _router_tensors(files)
+    if existing and not force:
+        raise ConvertError(
+            f"{dst} already holds {len(existing)} {ROUTER_PREFIX}* tensors. Pass --force to replace them"
+        )
+    if dtype is not None:
+        target = dtypes[dtype]
+    elif existing:
+        target = next(iter(existing.values())).dtype
+    else:
+        target = getattr(torch, str(original.get("torch_dtype") or "float32"), torch.float32)
+    hidden = original.get("hidden_size")
+    if hidden != config.hidden_size:
+        raise ConvertError(f"router width {config.hidden_size} != the checkpoint's hidden_size {hidden}")
+    grid = _vision_grid(original, files)
+    if grid != config.grid:
+        raise ConvertError(f"router grid {config.grid}x{config.grid} != the checkpoint's vision grid {grid}x{grid}")
+    state = {k: v.to(target) for k, v in state.items()}
+    written: list[str] = []
+    index_path = dst / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+        for shard in sorted({weight_map[k] for k in existing if k in weight_map}):  # drop the old router
+            from safetensors import safe_open
+
+            with safe_open(str(dst / shard), framework="pt") as f:
+                meta = f.metadata()
+                kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(ROUTER_PREFIX)}
+            _save_atomic(kept, dst / shard, meta)
+            written.append(shard)
+        name = "model-avg-llava-router.safetensors"
+        _save_atomic(state, dst / name)
+        written.append(name)
+        weight_map = {k: v for k, v in weight_map.items() if not k.startswith(ROUTER_PREFIX)}
+        weight_map.update(dict.fromkeys(state, name))
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        _write_text_atomic(index_path, json.dumps(index, indent=2) + "\n")
+        written.append(index_path.name)
+    else:
+        if len(files) != 1 or files[0].suffix != ".safetensors":
+            raise ConvertError(f"{dst}: cannot merge into {[f.name for f in files]}; convert .bin weights to safetensors first")
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as f:
+            meta = f.metadata()
+            kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(ROUTER_PREFIX)}
+        _save_atomic({**kept, **state}, files[0], meta)
+        written.append(files[0].name)
+    changes: dict[str, Any] = {}
+    from .scaler import Ladder
+
+    tokens = list(Ladder.parse(config.ladder, config.grid).tokens)
+    try:
+        current_ladder = parse_granularity(original.get("vis_token_granularity"), grid)
+    except ConvertError:
+        current_ladder = None
+    if current_ladder != Ladder.parse(config.ladder, config.grid).spec:
+        changes["vis_token_granularity"] = tokens
+    if (original.get("filtered_text_num") or 32) != config.top_k:
+        changes["filtered_text_num"] = config.top_k
+    if original.get("router_select") is not True:
+        changes["router_select"] = True
+    if changes:
+        _write_text_atomic(dst / "config.json", json.dumps({**original, **changes}, indent=2) + "\n")
+        written.append("config.json")
+    return ExportReport(str(router_path), str(dst), "merged", len(state), str(target).removeprefix("torch."),
+                        written, changes)

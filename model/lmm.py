@@ -32,7 +32,15 @@ import torch.nn as nn
 from transformers.activations import ACT2FN
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from .conversation import IGNORE_INDEX, TokenizedConversation, tokenize_conversation
+from .conversation import (
+    DEFAULT_TEMPLATE,
+    IGNORE_INDEX,
+    Template,
+    TokenizedConversation,
+    get_template,
+    resolve_template,
+    tokenize_conversation,
+)
 from .provenance import checkpoint_fingerprint
 from .scaler import Ladder, Level
 
@@ -111,6 +119,22 @@ def pack_level(
         hi = torch.cat([hi, newline], dim=-1)  # (d, H', W'+1)
     hi = hi.flatten(1, 2).transpose(0, 1)  # (H' * (W'+1), d)
     return torch.cat([base, hi], dim=0)
+
+
+def visual_token_counts(config, ladder: Ladder, image_size: tuple[int, int]) -> dict[int, int]:
+    """Visual tokens per level (tokens per crop -> packed length) for an image of ``image_size`` (height, width).
+
+    From the config alone (no weights): what ``FrozenLMM.pack`` returns for that image, i.e. the
+    base crop plus, for LLaVA-NeXT, the un-padded high-res map with one ``image_newline`` per row.
+    """
+    size = (int(image_size[0]), int(image_size[1]))
+    if config.model_type == "llava_next":
+        grid = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
+        n_crops, newline = 1 + grid[0] * grid[1], torch.empty(0)
+    else:
+        grid, n_crops, newline = None, 1, None
+    return {lv.tokens: pack_level(torch.empty(n_crops, lv.tokens, 0), lv, size, grid, newline).shape[0]
+            for lv in ladder.levels}
 
 
 def splice(
@@ -241,8 +265,11 @@ class FrozenLMM:
         ladder: Ladder | None = None,
         model_id: str = "unknown",
         freeze: bool = True,
+        template: str | Template = DEFAULT_TEMPLATE,
+        template_source: str = "given",
     ):
         # freeze=False lets the Stage-1 trainer use the same packing on a model it is training.
+        # template: the conversation template the checkpoint was trained with (model/conversation.py).
         self.model = model.eval().requires_grad_(False) if freeze else model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -264,7 +291,8 @@ class FrozenLMM:
         self.image_newline = getattr(inner, "image_newline", None) if self.is_next else None
         self.embed = self.language_model.get_input_embeddings()
         self.image_token_id = self.config.image_token_id
-        self.special_ids = tuple(sorted({i for i in tokenizer.all_special_ids if i is not None}))
+        self.template = get_template(template)
+        self.template_source = template_source
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -278,11 +306,14 @@ class FrozenLMM:
         ladder: Ladder | str | None = None,
         attn_implementation: str | None = "sdpa",
         known: dict[str, Any] | None = None,
+        template: str = "auto",
     ) -> FrozenLMM:
         """Load a local HF-format folder (never a hub: ``local_files_only``).
 
         ``known``: a ``run.json`` ``model_files`` record whose per-file hashes the model id may
         reuse (``model.provenance.checkpoint_identity``), so a scorer actor does not re-hash.
+        ``template``: a template name, or ``auto``: the one recorded in the folder, else the one its HF
+        chat template stands for, else ``vicuna_v1`` (``conversation.resolve_template``).
         """
         from transformers import (
             AutoConfig,
@@ -318,7 +349,9 @@ class FrozenLMM:
         if isinstance(ladder, str):
             grid = config.vision_config.image_size // config.vision_config.patch_size
             ladder = Ladder.parse(ladder, grid)
-        return cls(model, tokenizer, processor, ladder=ladder, model_id=checkpoint_fingerprint(path, known=known))
+        name, source = resolve_template(path, template)
+        return cls(model, tokenizer, processor, ladder=ladder, model_id=checkpoint_fingerprint(path, known=known),
+                   template=name, template_source=source)
 
     @property
     def device(self) -> torch.device:
@@ -414,10 +447,21 @@ class FrozenLMM:
     # ---- text --------------------------------------------------------------------------
 
     def tokenize(self, turns: Sequence[tuple[str, str]], has_image: bool) -> TokenizedConversation:
-        return tokenize_conversation(turns, self.tokenizer, has_image=has_image, image_token_id=self.image_token_id)
+        """The training ids and answer labels of a conversation, with this checkpoint's template."""
+        return tokenize_conversation(
+            turns, self.tokenizer, has_image=has_image, image_token_id=self.image_token_id, template=self.template
+        )
+
+    def prompt(self, turns: Sequence[tuple[str, str]], has_image: bool) -> TokenizedConversation:
+        """The ids the model answers (turns end with a human turn): the training ids up to the next answer."""
+        return tokenize_conversation(
+            turns, self.tokenizer, has_image=has_image, image_token_id=self.image_token_id, template=self.template,
+            generation=True,
+        )
 
     def instruction_ids(self, conv: TokenizedConversation) -> list[int]:
-        return conv.instruction_ids(self.special_ids)
+        """The router's instruction ids: every non-answer id but the image placeholder (BOS kept, as the reference)."""
+        return conv.instruction_ids()
 
     def router_side(self) -> RouterSide:
         """Copy of the frozen projector and embedding table for the router trainer."""
@@ -533,24 +577,19 @@ class FrozenLMM:
         self, turns: Sequence[tuple[str, str]], encoded: Encoded | None, level: int | Level, max_new_tokens: int = 32
     ) -> str:
         """Greedy answer to the last human turn of ``turns`` (ending with a human turn) at one level."""
-        from .conversation import tokenize_conversation
-
-        prompt = list(turns) + [("gpt", "x")]  # placeholder answer, cut off below
-        conv = tokenize_conversation(
-            prompt, self.tokenizer, has_image=encoded is not None, image_token_id=self.image_token_id
-        )
-        first_answer = next(i for i, lab in enumerate(conv.labels) if lab != IGNORE_INDEX)
-        conv = TokenizedConversation(
-            conv.input_ids[:first_answer], (IGNORE_INDEX,) * first_answer, conv.image_index
-        )
+        conv = self.prompt(turns, has_image=encoded is not None)
         with torch.inference_mode():
             visual = self.pack(encoded.projected, encoded.image_size, level) if encoded is not None else None
             embeds, _ = splice(self.embed, conv, visual)
             out = self.language_model(inputs_embeds=embeds[None], use_cache=True)
             new: list[int] = []
+            stop = {self.tokenizer.eos_token_id}
+            end = self.tokenizer.convert_tokens_to_ids(self.template.end_token)
+            if end is not None and self.tokenizer.convert_ids_to_tokens(end) == self.template.end_token:
+                stop.add(end)  # the template's end of turn (<|im_end|>, <|eot_id|>) when it is not the EOS
             for _ in range(max_new_tokens):
                 token = int(self.lm_head(out.last_hidden_state[0, -1]).argmax())
-                if token == self.tokenizer.eos_token_id:
+                if token in stop:
                     break
                 new.append(token)
                 step = self.embed(torch.tensor([[token]], device=self.device))

@@ -47,8 +47,9 @@ feedback, and scores the rest. Planning reads the index plus a listing of ``feed
 the end-of-job checks work on the index: their cost does not grow with the run's history.
 Samples REJECTED here (bad image, too long) count as done: a rerun does not retry them
 (delete ``errors/score-*.parquet`` or use ``--force`` to retry). A different model
-(``model_id``) or ladder than the folder's ``run.json`` is refused (``ScoreRefused``, exit 2)
-unless ``--force``, which starts fresh: the previous feedback, router_inputs, score errors,
+(``model_id``, a fingerprint of the checkpoint), ladder, conversation template (``--template``,
+resolved: ``run.json`` "template") or router-inputs mode than the folder's ``run.json`` is refused
+(``ScoreRefused``, exit 2) unless ``--force``, which starts fresh: the previous feedback, router_inputs, score errors,
 router_side, index and run.json are MOVED to the hidden folder ``RUN/.replaced-<UTC time>/``
 (readers skip hidden folders; delete it when no longer needed).
 
@@ -164,6 +165,9 @@ class ScoreConfig:
     ladder: str | None = None
     """Levels to score, e.g. ``"36,72,144,288,576"`` or ``"24x18,216"`` (default: the paper's
     five levels scaled to the model's crop grid)."""
+    template: str = "auto"
+    """Conversation template (``model/conversation.py``): a name, or ``auto`` = the checkpoint's recorded
+    template, else the one its HF chat template stands for, else ``vicuna_v1``. Part of the provenance."""
     max_batch_tokens: int = 2048
     """Token budget (sequences x padded length) of one language-model forward pass (2,048: the
     fastest on CPU in bench/bench_score.py; raise it on GPUs)."""
@@ -238,6 +242,10 @@ class ScoreConfig:
             raise ValueError(f"object_store_mb must be >= 64, got {self.object_store_mb}")
         if self.placement_timeout < 0:
             raise ValueError(f"placement_timeout must be >= 0, got {self.placement_timeout}")
+        if self.template != "auto":
+            from rglf.model.conversation import get_template
+
+            self.template = get_template(self.template).name
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -471,6 +479,7 @@ class Scorer:
         encode_batch: int,
         verbose: bool = True,
         router_inputs: str = "fp16",
+        template: str = "auto",
     ):
         import torch
 
@@ -481,7 +490,8 @@ class Scorer:
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
         self.lmm = FrozenLMM.from_pretrained(
-            model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder, known=known_files(out)
+            model, device=device, dtype=None if dtype == "auto" else dtype, ladder=ladder, known=known_files(out),
+            template=template,
         )
         if self.lmm.model_id != model_id:
             raise RuntimeError(
@@ -701,8 +711,9 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
-    """Check the folder's provenance (refuse a different model/ladder) or, with ``force``, move old outputs aside.
+def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log, template: str | None = None) -> dict | None:
+    """Check the folder's provenance (refuse a different model/ladder/template/router inputs) or, with
+    ``force``, move old outputs aside.
 
     Returns the previous ``run.json`` (None when starting fresh).
     """
@@ -731,6 +742,10 @@ def prepare_output(cfg: ScoreConfig, model_id: str, ladder, log) -> dict | None:
             problems.append(f"router inputs {previous.get('config', {}).get('router_inputs', 'fp16')} -> {cfg.router_inputs}")
         if previous.get("ladder", {}).get("spec") != ladder.spec:
             problems.append(f"ladder {previous.get('ladder', {}).get('spec')} -> {ladder.spec}")
+        if template is not None and (previous.get("template") or {}).get("name") != template:
+            # a run.json without a template predates whole-prompt tokenisation: its ids are not comparable
+            old = (previous.get("template") or {}).get("name", "unrecorded (scored before templates were recorded)")
+            problems.append(f"template {old} -> {template}")
         if problems:
             raise ScoreRefused(
                 f"{out} was scored with a different configuration ({'; '.join(problems)}); mixing them would "
@@ -775,7 +790,10 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     started = _now()
     known = known_files(cfg.run_dir)  # cached per-file hashes: a resumed run does not re-hash the checkpoint
     model_id, ladder = resolve_model(cfg.model, cfg.ladder, known=known)
-    previous = prepare_output(cfg, model_id, ladder, log)
+    from rglf.model.conversation import resolve_template
+
+    template, template_source = resolve_template(cfg.model, cfg.template)
+    previous = prepare_output(cfg, model_id, ladder, log, template)
     t_plan = time.perf_counter()
     index = RunIndex.load(cfg.run_dir)
     plan = plan_run(cfg.run_dir, index, list(ladder.tokens), log)
@@ -797,6 +815,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
         "run_id": (previous or {}).get("run_id") or new_run_id(),  # checked by rank/train (model/provenance.py)
         "model_files": checkpoint_identity(cfg.model, known=known).to_json(),
         "ladder": {"spec": ladder.spec, "tokens": list(ladder.tokens), "grid": ladder.grid},
+        "template": {"name": template, "source": template_source},
         "history": history,
     }
     _record(cfg, record)
@@ -804,7 +823,7 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
         log("warning: the samples table is empty: nothing to score")
     log(
         f"score: {report.samples_total} samples, {report.skipped_done} already done, {plan.pending} to score; "
-        f"model {model_id}, ladder {','.join(map(str, ladder.tokens))}"
+        f"model {model_id}, ladder {','.join(map(str, ladder.tokens))}, template {template}"
     )
 
     def stop(status: str, **details: Any) -> None:
@@ -817,12 +836,13 @@ def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:
     t0 = time.perf_counter()
     try:
         if plan.pending:
-            _score_pending(cfg, model_id, ladder, plan, index, report, log, progress)
+            _score_pending(cfg, model_id, ladder, plan, index, report, log, progress, template)
         elif not (cfg.run_dir / "router_side" / "router_side.json").exists() and plan.total:
             from rglf.model.lmm import FrozenLMM  # rare: every sample done but router_side deleted
 
             log("router_side/ missing: loading the model on this machine (CPU) to write it")
-            ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec), cfg.run_dir, cfg.router_inputs)
+            ensure_router_side(FrozenLMM.from_pretrained(cfg.model, ladder=ladder.spec, template=template), cfg.run_dir,
+                               cfg.router_inputs)
     except KeyboardInterrupt:
         report.seconds = time.perf_counter() - t0
         stop("interrupted", seconds=round(report.seconds, 3))
@@ -908,7 +928,7 @@ def _perf(report: ScoreReport) -> dict[str, Any]:
 
 
 def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: RunIndex, report: ScoreReport,
-                   log, progress) -> None:
+                   log, progress, template: str = "auto") -> None:
     """Start Ray and the actors, stream the pending batches, fold each committed batch into ``report``."""
     import ray
 
@@ -954,7 +974,7 @@ def _score_pending(cfg: ScoreConfig, model_id: str, ladder, plan: Plan, index: R
             {"model": str(cfg.model), "out": str(cfg.run_dir), "device": cfg.device, "dtype": cfg.dtype,
              "ladder": ladder.spec, "model_id": model_id, "max_batch_tokens": cfg.max_batch_tokens,
              "max_batch_size": cfg.max_batch_size, "encode_batch": cfg.encode_batch, "verbose": verbose,
-             "router_inputs": cfg.router_inputs},
+             "router_inputs": cfg.router_inputs, "template": template},
             load_images_quietly, {**load_kwargs, "verbose": verbose},
             workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
             worker_resources=cfg.worker_resources, image_cpus=cfg.image_cpus,

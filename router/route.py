@@ -4,13 +4,18 @@
 in batches; ``route()`` (one image, ``rglf route --image``) and ``route_dataset()`` (a whole
 LLaVA-format file, ``rglf route --data``) are built on it.
 
-The router's inputs are built exactly as the scoring job builds them for training, but from
-the live model instead of the tables: the projected features of every crop (the vision tower
-and projector run once per batch of images, ``FrozenLMM.encode``) and the embeddings of the
-instruction ids, i.e. every non-answer text token of the conversation: for a question,
-``lmm.instruction_ids(lmm.tokenize([("human", "<image>\\n" + q), ("gpt", "x")], True))`` (the
-placeholder answer "x" is labelled, so it is left out). A batch pads crops and instruction
-tokens and passes their masks, so a batch routes exactly as one image at a time does.
+The router's inputs are built as the reference builds them at inference, from the live model:
+the projected features of every crop (the vision tower and projector run once per batch of
+images, ``FrozenLMM.encode``) and the embeddings of the prompt's ids without the image, BOS
+kept (AVG-LLaVA's ``get_pure_text_embedding`` on the prompt), in the checkpoint's conversation
+template: for a question, ``lmm.instruction_ids(lmm.prompt([("human", "<image>\\n" + q)], True))``.
+For a single vicuna_v1 question these are exactly the instruction ids the scoring job stores for
+training. A batch pads crops and instruction tokens and passes their masks, so a batch routes
+exactly as one image at a time does.
+
+The router is a folder written by ``rglf train``, or a published AVG-LLaVA router: a converted
+checkpoint (``rglf convert``), a folder from ``rglf export-router``, or an original AVG-LLaVA
+checkpoint (``load_router_any``); with such a converted checkpoint the model defaults to it.
 
 The chosen level is the router's argmax (the paper), or with a budget
 ``argmax_i(log p_i - lam * tokens_i / tokens_finest)`` with ``lam`` from the router folder's
@@ -133,16 +138,19 @@ class Router:
     router_dir: Path | None = None
 
     @classmethod
-    def load(cls, router_dir: str | Path, model: str | Path | None = None, *, device: str = "auto") -> Router:
-        """Load ``router_dir`` (a ``rglf train`` folder) and the frozen ``model`` (an HF-format
-        LLaVA(-NeXT) folder; default: the embedded default) once. ``device``: auto, cpu or cuda."""
+    def load(
+        cls, router_dir: str | Path, model: str | Path | None = None, *, device: str = "auto", template: str = "auto"
+    ) -> Router:
+        """Load ``router_dir`` (a ``rglf train`` folder or a published router, ``load_router_any``) and the
+        frozen ``model`` (an HF-format LLaVA(-NeXT) folder; default: ``router_dir`` when it is a converted
+        checkpoint, else the embedded default) once. ``device``: auto, cpu or cuda. ``template``: the
+        conversation template (``auto``: the checkpoint's, see ``conversation.resolve_template``)."""
         from rglf.model.lmm import FrozenLMM
-        from rglf.model.toy import DEFAULT_CHECKPOINT
 
         device = resolve_device(device)
-        model = Path(model) if model is not None else DEFAULT_CHECKPOINT
-        router = load_router(router_dir, device)
-        lmm = FrozenLMM.from_pretrained(model, device=device, ladder=router.config.ladder)
+        model = Path(model) if model is not None else default_model(router_dir)
+        router = load_router_any(router_dir, device)
+        lmm = FrozenLMM.from_pretrained(model, device=device, ladder=router.config.ladder, template=template)
         if lmm.grid != router.config.grid or lmm.hidden_size != router.config.hidden_size:
             raise RouteError(
                 f"router {router_dir} expects a {router.config.grid}x{router.config.grid} grid of width "
@@ -164,7 +172,7 @@ class Router:
         turns = _prompt_turns(question)
         pil = _open_rgb(image)
         pixels, size = self.lmm.preprocess(pil)
-        ids = self.lmm.instruction_ids(self.lmm.tokenize([*turns, ("gpt", "x")], True))
+        ids = self.lmm.instruction_ids(self.lmm.prompt(turns, True))  # the prompt's ids but the image, BOS kept
         return Prepared(pixels=pixels, image_size=size, instruction_ids=ids, prompt_turns=turns)
 
     # ---- routing ---------------------------------------------------------------------------
@@ -277,6 +285,33 @@ class Router:
         return logits.double().cpu().numpy()
 
 
+def load_router_any(path: str | Path, device: str = "cpu") -> GranularityRouter:
+    """A router folder from ``rglf train``, or a published AVG-LLaVA router (``model.convert.load_published_router``)."""
+    from rglf.model.convert import is_published_router, load_published_router
+
+    path = Path(path)
+    if (path / ROUTER_CONFIG).is_file():
+        return load_router(path, device)
+    if is_published_router(path):
+        return load_published_router(path, device)
+    raise FileNotFoundError(
+        f"{path}: neither a router folder ({ROUTER_CONFIG}, from `rglf train`) nor a published AVG-LLaVA router "
+        "(a `rglf convert` / `rglf export-router` output, or an original AVG-LLaVA checkpoint). Pass one of those"
+    )
+
+
+def default_model(router_dir: str | Path) -> Path:
+    """``router_dir`` itself when it is an HF-format checkpoint (a converted AVG-LLaVA carries its router),
+    else the embedded default."""
+    from rglf.model.toy import DEFAULT_CHECKPOINT
+
+    config = Path(router_dir) / "config.json"
+    try:
+        return Path(router_dir) if config.is_file() and "text_config" in json.loads(config.read_text()) else DEFAULT_CHECKPOINT
+    except (json.JSONDecodeError, OSError):
+        return DEFAULT_CHECKPOINT
+
+
 def _prompt_turns(question: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """A question, or LLaVA turns, -> the turns up to the last question, the image placeholder first."""
     if isinstance(question, str):
@@ -323,17 +358,20 @@ def _stamp(path: Path) -> tuple[str, float, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_router(router_key: tuple, model_key: tuple, device: str) -> Router:
+def _cached_router(router_key: tuple, model_key: tuple, device: str, template: str) -> Router:
     # keys carry the files' mtimes and sizes: a router re-trained in place is reloaded
-    return Router.load(router_key[0][0], model_key[0], device=device)
+    return Router.load(router_key[0][0], model_key[0], device=device, template=template)
 
 
-def load_cached(router_dir: str | Path, model: str | Path, device: str = "auto") -> Router:
-    """``Router.load`` once per (router, model, device): repeated ``route()`` calls reuse it."""
+def load_cached(router_dir: str | Path, model: str | Path, device: str = "auto", template: str = "auto") -> Router:
+    """``Router.load`` once per (router, model, device, template): repeated ``route()`` calls reuse it."""
+    from rglf.model.conversation import CHECKPOINT_RECORD
+    from rglf.model.convert import ROUTER_FILE
+
     router_dir = Path(router_dir)
-    router_key = (_stamp(router_dir), _stamp(router_dir / ROUTER_CONFIG), _stamp(router_dir / ROUTER_WEIGHTS))
-    model_key = (str(Path(model).resolve()), _stamp(Path(model) / "config.json"))
-    return _cached_router(router_key, model_key, resolve_device(device))
+    router_key = (_stamp(router_dir), *(_stamp(router_dir / f) for f in (ROUTER_CONFIG, ROUTER_WEIGHTS, ROUTER_FILE)))
+    model_key = (str(Path(model).resolve()), _stamp(Path(model) / "config.json"), _stamp(Path(model) / CHECKPOINT_RECORD))
+    return _cached_router(router_key, model_key, resolve_device(device), template)
 
 
 def route(
@@ -347,13 +385,14 @@ def route(
     lam: float | None = None,
     max_new_tokens: int = 32,
     device: str = "auto",
+    template: str = "auto",
 ) -> dict[str, Any]:
     """Route one (image, question); returns a JSON-ready dict (``rglf route --format json``).
 
     The router and the model are loaded once per (router, model, device) and reused by later
     calls; to route many images, use ``Router.load(...).route(images, questions)``.
     """
-    r = load_cached(router_dir, model, device)
+    r = load_cached(router_dir, model, device, template)
     item = r.prepare(image, question)  # RouteInputError (exit 2) for a missing or unreadable image
     routed = r.route_prepared([item], budget=budget, lam=lam, answer=answer, max_new_tokens=max_new_tokens)
     tokens = r.ladder
@@ -373,6 +412,7 @@ def route(
         "budget": budget,
         "lam": routed.lam,
         "question": question,
+        "template": r.lmm.template.name,
         "answer": routed.answers[0] if routed.answers else None,
     }
 

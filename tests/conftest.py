@@ -62,3 +62,48 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- real vocabularies (tests/fixtures/tokenizers, see PROVENANCE.md there) ----------------------
+
+FIXTURE_TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
+
+
+def write_fixture_tokenizer(name: str, dest: Path) -> Path:
+    """Copy fixture tokenizer ``name`` (llama-spm, llama-bpe, qwen2) into ``dest``, decompressing tokenizer.json."""
+    import lzma
+    import shutil
+
+    src = FIXTURE_TOKENIZERS / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name == "tokenizer.json.xz":
+            with lzma.open(f) as fin, open(dest / "tokenizer.json", "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        elif not f.name.startswith("llama_cpp_vectors"):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def _fixture_tokenizer(name: str, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(write_fixture_tokenizer(name, tmp_path_factory.mktemp(name)))
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer(tmp_path_factory):
+    """The real LLaMA-2 / Vicuna SentencePiece vocabulary (32,000 tokens), as transformers 5 loads it (fast)."""
+    return _fixture_tokenizer("llama-spm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    """The real Meta-Llama-3 byte-level BPE vocabulary (128,256 tokens)."""
+    return _fixture_tokenizer("llama-bpe", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(tmp_path_factory):
+    """The real Qwen1.5 / Qwen2 byte-level BPE vocabulary (151,936 ids)."""
+    return _fixture_tokenizer("qwen2", tmp_path_factory)

@@ -38,7 +38,7 @@ COMMANDS = dict(_commands())
 
 def test_every_command_is_covered():
     assert {"toy data", "toy train", "toy report", "ingest", "score", "convert", "rank", "sql", "report", "train",
-            "eval", "route", "demo"} <= set(COMMANDS)
+            "eval", "route", "demo", "prompt", "export-router"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -265,7 +265,7 @@ def test_hf_folder_and_existing_destination_are_refused(tiny_ckpt, clip_next, vi
     (dst / "stale.txt").write_text("old")
     with pytest.raises(ConvertError, match="already exists"):
         convert_checkpoint(src, dst, vision_config=vision_json)
-    convert_checkpoint(src, dst, vision_config=vision_json, overwrite=True)
+    convert_checkpoint(src, dst, vision_config=vision_json, force=True)
     assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
@@ -281,3 +281,84 @@ def test_cli_convert(clip_next, vision_json, tmp_path):
     assert "converted" in result.output and (tmp_path / "dst" / "config.json").exists()
     again = runner.invoke(app, ["convert", str(src), str(tmp_path / "dst")])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+# --- every config form the reference writes, and nothing else ------------------------------------------
+
+
+def _as_string_pinpoints(config):
+    config["image_grid_pinpoints"] = json.dumps(config["image_grid_pinpoints"])  # AVG-LLaVA's train.py default form
+
+
+def test_string_pinpoints_and_granularity_forms_convert_alike(clip_next, vision_json, tmp_path):
+    """The issue's crash: AVG-LLaVA writes image_grid_pinpoints as a string ("[[336, 672], ...]")."""
+    model, tok, processor = clip_next
+    router = router_state(model.config.text_config.hidden_size)
+    listed = convert_checkpoint(write_original(tmp_path / "list", model, tok, processor, router=router),
+                                tmp_path / "list-hf", vision_config=vision_json)
+    src = write_original(tmp_path / "str", model, tok, processor, router=router, config_edit=lambda c: (
+        _as_string_pinpoints(c), c.update(vis_token_granularity="36,72,144,288,576"), c.pop("filtered_text_num")))
+    stringed = convert_checkpoint(src, tmp_path / "str-hf", vision_config=vision_json)
+    a, b = (json.loads((tmp_path / f"{n}-hf" / "config.json").read_text()) for n in ("list", "str"))
+    assert a["image_grid_pinpoints"] == b["image_grid_pinpoints"] == model.config.image_grid_pinpoints
+    assert listed.ladder == stringed.ladder == "6x6,12x6,12x12,24x12,24x24"
+    ra, rb = (json.loads((tmp_path / f"{n}-hf" / "rglf_checkpoint.json").read_text()) for n in ("list", "str"))
+    assert ra["router"] == rb["router"] and ra["router"]["config"]["top_k"] == 32  # absent filtered_text_num -> 32
+    assert ra["template"] == "vicuna_v1"
+
+
+@pytest.mark.parametrize(
+    ("config_edit", "router", "message"),
+    [
+        (lambda c: c.update(image_grid_pinpoints="anyres_max_9"), False,
+         r"^config.json: image_grid_pinpoints 'anyres_max_9' is not a list of \[width, height\] pairs"),
+        (lambda c: c.update(image_grid_pinpoints=[[96, 96, 1]]), False, r"^config.json: image_grid_pinpoints \[\[96, 96, 1\]\]"),
+        (lambda c: c.update(vis_token_granularity=[576, 36]), True, r"^config.json: vis_token_granularity \[576, 36\] must be ascending"),
+        (lambda c: c.update(vis_token_granularity="a,b"), True, r"^config.json: vis_token_granularity 'a,b' is not a list"),
+        (lambda c: c.update(vis_token_granularity=[36, 72, 144, 288, 1000]), True, r"^config.json: vis_token_granularity .*1000"),
+        (lambda c: c.pop("vis_token_granularity"), True, r"^config.json: vis_token_granularity is missing but the weights hold"),
+        (lambda c: c.update(filtered_text_num="32"), True, r"^config.json: filtered_text_num '32' must be of type int"),
+        (lambda c: c.update(filtered_text_num=16), True, r"model.router.voter \(1148, 1\) != \(1132, 1\)"),
+        (lambda c: c.update(router_select="yes"), True, r"^config.json: router_select 'yes' must be of type bool"),
+        (lambda c: c.update(version="vicuna_v7"), False, r"^config.json: version: unknown template 'vicuna_v7'"),
+    ],
+    ids=["pinpoints-keyword", "pinpoints-triple", "granularity-order", "granularity-text", "granularity-level",
+         "granularity-missing", "text-num-type", "text-num-shape", "router-select", "version"],
+)
+def test_unknown_config_forms_are_one_line_errors_naming_the_key(clip_next, vision_json, tmp_path, config_edit,
+                                                                 router, message):
+    model, tok, processor = clip_next
+    state = router_state(model.config.text_config.hidden_size) if router else None
+    src = write_original(tmp_path / "src", model, tok, processor, shards=1, router=state, config_edit=config_edit)
+    with pytest.raises(ConvertError, match=message) as err:
+        convert_checkpoint(src, tmp_path / "dst", vision_config=vision_json)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    ("config_edit", "expected"),
+    [(None, "vicuna_v1"), (lambda c: c.update(model_type="llava_mistral"), "mistral_instruct"),
+     (lambda c: c.update(version="v1"), "vicuna_v1"), (lambda c: c.update(version="qwen_1_5"), "qwen")],
+)
+def test_convert_records_the_template(clip_next, vision_json, tmp_path, config_edit, expected):
+    model, tok, processor = clip_next
+    src = write_original(tmp_path / "src", model, tok, processor, shards=1, config_edit=config_edit)
+    report = convert_checkpoint(src, tmp_path / "dst", vision_config=vision_json)
+    assert report.template == expected
+    assert json.loads((tmp_path / "dst" / "rglf_checkpoint.json").read_text())["template"] == expected
+    assert FrozenLMM.from_pretrained(tmp_path / "dst").template.name == expected
+    given = convert_checkpoint(src, tmp_path / "given", vision_config=vision_json, template="llava_v1")
+    assert given.template == "llava_v1"
+
+
+def test_cli_convert_errors_are_one_line(clip_next, vision_json, tmp_path):
+    from rglf.cli import app
+
+    model, tok, processor = clip_next
+    src = write_original(tmp_path / "src", model, tok, processor, shards=1,
+                         config_edit=lambda c: c.update(image_grid_pinpoints="(1x1),...,(6x6)"))
+    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "dst"), "--vision-config", str(vision_json)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config.json: image_grid_pinpoints '(1x1),...,(6x6)'")

@@ -226,6 +226,22 @@ def test_changed_model_or_ladder_is_refused_and_force_moves_outputs_aside(tmp_pa
     assert [p.name for p in (tmp_path / "errors").iterdir()] == ["ingest-00000.parquet"]
 
 
+def test_changed_template_is_refused_like_a_changed_model(tmp_path):
+    ladder = Ladder.parse("9,36", 12)
+    record = {"model_id": "m@1", "ladder": {"spec": ladder.spec}, "template": {"name": "vicuna_v1", "source": "x"}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    cfg = ScoreConfig(run_dir=tmp_path, model=tmp_path, template="v1")
+    assert cfg.template == "vicuna_v1"  # aliases resolve to the canonical name
+    assert prepare_output(cfg, "m@1", ladder, print, "vicuna_v1")["model_id"] == "m@1"
+    with pytest.raises(ScoreRefused, match="template vicuna_v1 -> llava_v1"):
+        prepare_output(cfg, "m@1", ladder, print, "llava_v1")
+    (tmp_path / "run.json").write_text(json.dumps({"model_id": "m@1", "ladder": {"spec": ladder.spec}}))
+    with pytest.raises(ScoreRefused, match="template unrecorded .* -> vicuna_v1"):
+        prepare_output(cfg, "m@1", ladder, print, "vicuna_v1")  # scored before templates were recorded
+    with pytest.raises(ValueError, match="unknown template 'vicuna'"):
+        ScoreConfig(run_dir=tmp_path, model=tmp_path, template="vicuna")
+
+
 # --------------------------------------------------------------------------------------
 # End to end: ingest -> score on a local Ray instance, against FrozenLMM run directly
 # --------------------------------------------------------------------------------------
@@ -394,6 +410,10 @@ def test_ingest_then_score_end_to_end(tmp_path, ckpt, ray_local):
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["model_id"] == lmm.model_id
+    assert record["template"] == {"name": "vicuna_v1", "source": "default (no template recorded in the checkpoint)"}
+    refused = runner.invoke(app, ["score", "--run", str(run), "--model", str(ckpt), "--template", "llava_v1"])
+    assert refused.exit_code == 2 and "template vicuna_v1 -> llava_v1" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
     assert record["ladder"]["tokens"] == list(levels) and record["config"]["batch_size"] == 4
     assert record["counts"]["feedback_rows"] == len(feedback) and record["counts"]["rejected_samples"] == 8
     assert record["counts"]["ingest_rejected"] == 3 and record["exit_code"] == 3

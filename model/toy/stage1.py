@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conversation import write_checkpoint_record
 from ..lmm import FrozenLMM, answer_logits, splice
 from ..scaler import Ladder
 from . import task as toy
@@ -96,7 +97,7 @@ def _scene_turns(scene: toy.Scene, rng: np.random.Generator) -> list[tuple[str, 
 
 def build_untrained(cfg: Stage1Config, seed: int | None = None) -> FrozenLMM:
     """The tiny LLaVA-NeXT (random init) wrapped for training (not frozen)."""
-    from .tiny import build_tiny_model
+    from .tiny import TOY_TEMPLATE, build_tiny_model
 
     model, tok, proc = build_tiny_model(
         toy.TOY_VOCABULARY,
@@ -106,7 +107,7 @@ def build_untrained(cfg: Stage1Config, seed: int | None = None) -> FrozenLMM:
         vision_hidden=cfg.vision_hidden,
     )
     ladder = Ladder.parse(cfg.ladder, model.config.vision_config.image_size // model.config.vision_config.patch_size)
-    return FrozenLMM(model, tok, proc, ladder=ladder, model_id="stage1-training", freeze=False)
+    return FrozenLMM(model, tok, proc, ladder=ladder, model_id="stage1-training", freeze=False, template=TOY_TEMPLATE)
 
 
 def stage1_loss(
@@ -263,6 +264,7 @@ def save_checkpoint(lmm: FrozenLMM, out: Path, report: dict) -> Path:
     lmm.tokenizer.save_pretrained(tmp)
     lmm.image_processor.save_pretrained(tmp)
     (tmp / "stage1_report.json").write_text(json.dumps(report, indent=2))
+    write_checkpoint_record(tmp, template=lmm.template.name, template_source="the template model/toy/stage1.py trained with")
     if out.exists():
         import shutil
 

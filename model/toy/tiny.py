@@ -18,7 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
+from ..conversation import IMAGE_PLACEHOLDER, LLAVA_V1_SYSTEM, VICUNA_SYSTEM
+
+TOY_TEMPLATE = "llava_v1"
+"""The conversation template of the embedded default (LLaVA's ``llava_v1``: vicuna_v1's layout with the
+"curious human" system text). ``save_tiny_checkpoint`` records it in the folder's ``rglf_checkpoint.json``."""
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER)
 # Words of the conversation template and a few common ones, so generic prompts tokenise.
@@ -32,15 +36,17 @@ BASE_WORDS = (
 def build_tokenizer(extra_words: Iterable[str] = ()):
     """A deterministic word-level ``PreTrainedTokenizerFast`` with ``<image>``, ``<s>``, ``</s>``.
 
-    Lower-cased. The vocabulary is the template's words (system prompt included), ``BASE_WORDS`` and
-    ``extra_words``; anything else becomes ``<unk>``. Built offline with ``tokenizers``.
+    Lower-cased. The vocabulary is the templates' words (both vicuna system prompts), ``BASE_WORDS``
+    and ``extra_words``; anything else becomes ``<unk>``. Like a LLaMA tokenizer it adds ``<s>`` in
+    front (``add_special_tokens=True``), which LLaVA's ``tokenizer_image_token`` relies on. Built
+    offline with ``tokenizers``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words: set[str] = set()
-    for text in (VICUNA_SYSTEM, BASE_WORDS, " ".join(extra_words)):
+    for text in (LLAVA_V1_SYSTEM, VICUNA_SYSTEM, BASE_WORDS, " ".join(extra_words)):
         words.update(piece for piece, _ in pre.pre_tokenize_str(text.lower()))
     words -= set(SPECIAL_TOKENS)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -50,6 +56,9 @@ def build_tokenizer(extra_words: Iterable[str] = ()):
     tok.normalizer = normalizers.Lowercase()  # a word-level vocabulary: case carries nothing here
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -157,11 +166,18 @@ def build_tiny_model(extra_words: Iterable[str] = (), seed: int = 0, **config_kw
     return model, tokenizer, build_image_processor(config)
 
 
-def save_tiny_checkpoint(path: str | Path, model, tokenizer, image_processor) -> Path:
-    """Write an HF-format checkpoint folder (safetensors, config, tokenizer, processor)."""
+def save_tiny_checkpoint(path: str | Path, model, tokenizer, image_processor, template: str | None = None) -> Path:
+    """Write an HF-format checkpoint folder (safetensors, config, tokenizer, processor).
+
+    ``template``: recorded in ``rglf_checkpoint.json`` (what ``--template auto`` then uses).
+    """
+    from ..conversation import write_checkpoint_record
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
+    if template is not None:
+        write_checkpoint_record(path, template=template, template_source="recorded when the checkpoint was built")
     return path
