@@ -60,9 +60,10 @@ def in_process_pool(monkeypatch, *, fail_after: int | None = None, error: BaseEx
     """
     calls: list[int] = []
 
-    def fake(cfg, model_id, ladder, plan, index, report, log, progress):
+    def fake(cfg, model_id, ladder, plan, index, report, log, progress, template="auto"):
         scorer = Scorer(model=str(cfg.model), out=str(cfg.run_dir), device="cpu", dtype="auto", ladder=ladder.spec,
-                        model_id=model_id, max_batch_tokens=4096, max_batch_size=64, encode_batch=16)
+                        model_id=model_id, max_batch_tokens=4096, max_batch_size=64, encode_batch=16,
+                        router_inputs=cfg.router_inputs, template=template)
         for n, batch in enumerate(pending_batches(plan, cfg.batch_size, list(ladder.tokens))):
             if fail_after is not None and n == fail_after:
                 raise error
