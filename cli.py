@@ -127,6 +127,10 @@ def _error_line(message: str) -> None:
     typer.echo(f"error: {' '.join(message.split())}", err=True)  # always ONE line
 
 
+def _interrupted_line(message: str) -> None:
+    typer.echo(" ".join(message.split()), err=True)  # one line, no "error:": the user pressed Ctrl-C
+
+
 def _is_ray_wrapper(err: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] == "ray" for cls in type(err).__mro__)
 
@@ -229,8 +233,11 @@ class RglfGroup(TyperGroup):
             _error_line(f"{e.format_message().rstrip('.')} (see '{where} --help')")
             code = e.exit_code
         except KeyboardInterrupt as e:  # outside a command (typer turns one inside into a silent Exit(130): see invoke)
-            _error_line(_interrupted_message(e))
+            _interrupted_line(_interrupted_message(e))
             code = 130
+        except Interrupted as e:  # Ctrl-C inside a command: the user's choice, not an error
+            _interrupted_line(str(e))
+            code = Interrupted.exit_code
         except Exception as e:  # noqa: BLE001 -- sorted into expected failures and bugs below
             found = expected_failure(e)
             if found is None:

@@ -253,4 +253,4 @@ def test_ctrl_c_stops_a_long_query_with_one_line() -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130
-    assert stderr.strip().splitlines() == ["error: sql interrupted: the query was stopped; nothing was written."]
+    assert stderr.strip().splitlines() == ["sql interrupted: the query was stopped; nothing was written."]

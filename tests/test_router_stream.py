@@ -191,7 +191,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_sample_counts(tmp_pat
     # row groups of 5 under a shuffle buffer of 24: the kill lands inside a window of several row groups
     write_synthetic_tables(tmp_path / "run", tmp_path / "rank", n_samples=120, seed=1, row_group_size=5)
     run, rank = tmp_path / "run", tmp_path / "rank"
-    env = {**os.environ, "PYTHONPATH": str(REPO.parent)}
+    env = dict(os.environ)  # the installed rglf (editable: this checkout)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd(run, rank, full), check=True, env=env, capture_output=True)
 

@@ -131,7 +131,7 @@ def test_ctrl_c_stops_training_with_one_line_and_keeps_the_checkpoint(tables, tm
             proc.communicate()
     assert proc.returncode == 130, stderr
     (line,) = stderr.strip().splitlines()
-    assert line.startswith("error: train interrupted: the checkpoint") and "rerun the same command to resume" in line
+    assert line.startswith("train interrupted: the checkpoint") and "rerun the same command to resume" in line
     assert "Traceback" not in stderr + stdout
     kept = out / CHECKPOINTS / (out / CHECKPOINTS / "latest").read_text().strip()
     assert (kept / "trainer_state.pt").is_file() and str(kept.name) in line
