@@ -1319,7 +1319,7 @@ def demo_cmd(
     model: Annotated[Path, typer.Option(help="Stage-1 checkpoint (default: the committed embedded default).")] = DEFAULT_CHECKPOINT,
     n_samples: Annotated[int, typer.Option(help="Synthetic samples (70% train, 10% val, 20% test).")] = 1000,
     workers: Annotated[int, typer.Option(help="Scorer actors of the local Ray instance.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 6,
+    epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Router training batch.")] = 16,
     lr: Annotated[float, typer.Option(help="Router AdamW learning rate.")] = 2e-3,
     merger_attends: Annotated[str, typer.Option(help="Router merger axis: crops (the reference) or tokens.")] = "crops",

@@ -9,7 +9,7 @@ image file for pixels), trainer samples/s and its ratio to fp16, plus the same f
 for 7B LLaVA-NeXT shapes.
 
 ``--agreement RUN RANK`` (a demo's folders, e.g. ``runs/demo/run runs/demo/rank``) also trains a
-router from the fp16 tables and one from their fp8 encoding with the demo's settings (6 epochs,
+router from the fp16 tables and one from their fp8 encoding with the demo's settings of the time (6 epochs,
 batch 16, lr 2e-3) and reports both routers' agreement with the oracle on the test split (goal:
 fp8 within 1 point of fp16). ~2 x the demo's training time.
 
