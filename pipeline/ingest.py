@@ -18,7 +18,8 @@ Output (``RUN/``; written into hidden staging folders swapped in at the end, so 
 an interrupted ingest -- sees either the old tables or the new ones)::
 
     RUN/samples/part-00000.parquet   SAMPLES_SCHEMA, one row per kept conversation, input order
-    RUN/errors/ingest-00000.parquet  ERRORS_SCHEMA (stage "ingest"), one row per rejected record
+    RUN/errors/ingest-00000.parquet  ERRORS_SCHEMA (stage "ingest"), one row per rejected record (0 rows
+                                     when none: every table folder holds a schema'd file)
     RUN/ingest.json                  inputs, options and counts (written last)
 
 The image root is stored ABSOLUTE in every row (``os.path.abspath`` of ``--image-root``), so a
@@ -712,7 +713,7 @@ def _ingest_locked(cfg: IngestConfig, log, progress) -> IngestReport:
                 by_source[row["source"]] += 1
             done_bytes += size
         report.sample_parts = samples.close(at_least_one=True)
-        errors.close(at_least_one=False)
+        errors.close(at_least_one=True)  # a schema'd 0-row file when nothing was rejected
     except BaseException as err:
         for folder in (staging, errors_staging):
             shutil.rmtree(folder, ignore_errors=True)

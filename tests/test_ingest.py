@@ -47,7 +47,9 @@ def test_toy_dataset_round_trips_with_its_own_source_and_split(tmp_path):
     assert rows[0]["turns"] == [{"role": "human", "text": records[0]["conversations"][0]["value"]},
                                 {"role": "gpt", "text": records[0]["conversations"][1]["value"]}]
     assert pq.read_schema(next((tmp_path / "run" / "samples").glob("*.parquet"))).equals(SAMPLES_SCHEMA)
-    assert not list((tmp_path / "run" / "errors").glob("*.parquet"))
+    # nothing rejected: the errors folder still holds one schema'd, 0-row file (queries find an empty table)
+    [errors] = (tmp_path / "run" / "errors").glob("*.parquet")
+    assert pq.read_schema(errors).equals(ERRORS_SCHEMA) and pq.read_metadata(errors).num_rows == 0
     assert json.loads((tmp_path / "run" / "ingest.json").read_text())["counts"]["samples"] == 10
 
 
