@@ -626,13 +626,10 @@ def run_ingest(cfg: IngestConfig, log: Callable[[str], None] = print,
     samples_dir = cfg.out / "samples"
     if samples_dir.exists() and any(samples_dir.glob("*.parquet")) and not cfg.force:
         raise IngestError(f"{samples_dir} already holds samples; pass --force to replace them")
-    lock = RunLock.acquire(cfg.out, "rglf ingest")
-    try:
+    with RunLock.acquire(cfg.out, "rglf ingest") as lock:
         if lock.previous:
             log(describe_holder(lock.previous))
         return _ingest_locked(cfg, log, progress)
-    finally:
-        lock.release()
 
 
 def _ingest_locked(cfg: IngestConfig, log, progress) -> IngestReport:

@@ -775,13 +775,10 @@ def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print,
     if not (cfg.run_dir / "samples").is_dir():  # before the lock: a mistyped --run creates no folder
         raise MissingSamples(f"{cfg.run_dir / 'samples'}: no samples. Run `rglf ingest DATA.json --image-root DIR "
                              f"--run {cfg.run_dir}` first")
-    lock = RunLock.acquire(cfg.run_dir, "rglf score")
-    try:
+    with RunLock.acquire(cfg.run_dir, "rglf score") as lock:
         if lock.previous:
             log(describe_holder(lock.previous))
         return _run_locked(cfg, log, progress)
-    finally:
-        lock.release()
 
 
 def _run_locked(cfg: ScoreConfig, log, progress) -> ScoreReport:

@@ -145,17 +145,7 @@ def part_files(out: Path, table: str) -> list[Path]:
 def _part_keys(out: Path, table: str, *, with_stat: bool = False) -> dict[str, tuple[int, int] | None]:
     """{key: (size, mtime_ns) or None} of a table's committed parts, from one directory listing."""
     folder, prefix, _ = TABLES[table]
-    root = Path(out) / folder
-    keys: dict[str, tuple[int, int] | None] = {}
-    if not root.is_dir():
-        return keys
-    with os.scandir(root) as entries:
-        for e in entries:
-            name = e.name
-            if name.startswith(prefix) and name.endswith(".parquet"):
-                st = e.stat() if with_stat else None
-                keys[name[len(prefix) : -len(".parquet")]] = (st.st_size, st.st_mtime_ns) if st else None
-    return keys
+    return _scan(Path(out) / folder, prefix, with_stat=with_stat)[0]
 
 
 def write_batch(out: Path, key: str, feedback: pa.Table, router_inputs: pa.Table, errors: pa.Table) -> tuple[int, int]:
